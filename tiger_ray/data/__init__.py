@@ -1,0 +1,1 @@
+"""Data: canonical items/sequences tables and the leave-one-out split every stage shares."""

@@ -1,0 +1,1 @@
+"""Embedding: item text -> sentence-encoder vectors, sharded over Ray Data encoder actors."""

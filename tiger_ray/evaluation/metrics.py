@@ -1,0 +1,123 @@
+"""Ranking metrics as reusable, mergeable objects (one target item per query, paper protocol).
+
+Each metric accumulates over batches of ranked lists and can be merged across workers:
+
+    metrics = MetricCollection.default()          # Recall@5/10, NDCG@5/10
+    metrics.update(ranked_item_ids, targets)      # [B, K] ids (-1 = empty slot), [B]
+    metrics.compute()                             # {"recall@5": ..., "ndcg@10": ...}
+
+With a single relevant item, NDCG@K = 1 / log2(rank + 1) if the target is at 1-based rank <= K,
+else 0 (the ideal DCG is 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def target_ranks(ranked: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """1-based rank of each target in its ranked list, 0 where absent."""
+    ranked = np.asarray(ranked)
+    targets = np.asarray(targets).reshape(-1, 1)
+    if ranked.ndim != 2 or ranked.shape[0] != targets.shape[0]:
+        raise ValueError(f"ranked must be [B, K] and targets [B]; got {ranked.shape} and {targets.shape}")
+    hit = ranked == targets
+    has = hit.any(axis=1)
+    return np.where(has, hit.argmax(axis=1) + 1, 0)
+
+
+@dataclass
+class RankingMetric:
+    k: int
+    total: float = 0.0
+    count: int = 0
+    name: str = field(default="", init=False)
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"{type(self).__name__}: k must be >= 1, got {self.k}")
+
+    def per_query(self, ranks: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def update(self, ranked: np.ndarray, targets: np.ndarray) -> None:
+        ranks = target_ranks(ranked, targets)
+        self.total += float(self.per_query(ranks).sum())
+        self.count += len(ranks)
+
+    def merge(self, other: "RankingMetric") -> None:
+        self.total += other.total
+        self.count += other.count
+
+    def compute(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.k}"
+
+
+@dataclass
+class RecallAtK(RankingMetric):
+    """Fraction of queries whose target is in the top k (= HR@k with one target)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.name = "recall"
+
+    def per_query(self, ranks: np.ndarray) -> np.ndarray:
+        return ((ranks >= 1) & (ranks <= self.k)).astype(np.float64)
+
+
+@dataclass
+class NDCGAtK(RankingMetric):
+    def __post_init__(self):
+        super().__post_init__()
+        self.name = "ndcg"
+
+    def per_query(self, ranks: np.ndarray) -> np.ndarray:
+        inside = (ranks >= 1) & (ranks <= self.k)
+        out = np.zeros(len(ranks), dtype=np.float64)
+        out[inside] = 1.0 / np.log2(ranks[inside] + 1.0)
+        return out
+
+
+class MetricCollection:
+    def __init__(self, metrics: list[RankingMetric]):
+        self.metrics = metrics
+
+    @classmethod
+    def default(cls, ks: tuple[int, ...] = (5, 10)) -> "MetricCollection":
+        return cls([m(k) for k in ks for m in (RecallAtK, NDCGAtK)])
+
+    @property
+    def max_k(self) -> int:
+        return max(m.k for m in self.metrics)
+
+    def update(self, ranked: np.ndarray, targets: np.ndarray) -> None:
+        ranks = target_ranks(ranked, targets)  # computed once for all metrics
+        for m in self.metrics:
+            m.total += float(m.per_query(ranks).sum())
+            m.count += len(ranks)
+
+    def merge(self, other: "MetricCollection") -> None:
+        for mine, theirs in zip(self.metrics, other.metrics, strict=True):
+            mine.merge(theirs)
+
+    def compute(self) -> dict[str, float]:
+        return {m.key: m.compute() for m in self.metrics}
+
+    @property
+    def count(self) -> int:
+        return self.metrics[0].count if self.metrics else 0
+
+
+# The paper's Table 1 (Recall@5, NDCG@5, Recall@10, NDCG@10): our bar and the baseline's.
+PAPER_TABLE1 = {
+    "beauty": {"TIGER": (0.0454, 0.0321, 0.0648, 0.0384), "SASRec": (0.0387, 0.0249, 0.0605, 0.0318)},
+    "sports": {"TIGER": (0.0264, 0.0181, 0.0400, 0.0225), "SASRec": (0.0233, 0.0154, 0.0350, 0.0192)},
+    "toys": {"TIGER": (0.0521, 0.0371, 0.0712, 0.0432), "SASRec": (0.0463, 0.0306, 0.0675, 0.0374)},
+}
+PAPER_KEYS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")

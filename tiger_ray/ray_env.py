@@ -1,0 +1,79 @@
+"""Ray settings in one place: every process we start binds to loopback only.
+
+Ray 2.60 replaces 127.0.0.1 by the machine's own address unless told otherwise; these settings
+keep every socket (GCS, raylets, dashboard, Serve) on 127.0.0.1 for local runs. When a cluster
+address is given (``RAY_ADDRESS`` or ``address=``), we connect to it and change nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+LOOPBACK = "127.0.0.1"
+
+# Set before `import ray` starts anything; workers inherit them through runtime_env below.
+RAY_ENV_VARS = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+# Tests and offline machines: never reach for a model hub.
+OFFLINE_ENV_VARS = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def apply_env(offline: bool = False) -> None:
+    """Export the loopback/usage-stats settings (and optionally hub-offline) for this process."""
+    for key, value in RAY_ENV_VARS.items():
+        os.environ.setdefault(key, value)
+    if offline:
+        for key, value in OFFLINE_ENV_VARS.items():
+            os.environ.setdefault(key, value)
+
+
+def worker_env_vars() -> dict[str, str]:
+    """Environment that Ray workers must see too (passed as runtime_env env_vars)."""
+    keys = [*RAY_ENV_VARS, *OFFLINE_ENV_VARS, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "TIGER_DATA_DIR"]
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) -> bool:
+    """Start an embedded loopback-only Ray, or connect to ``address`` / ``RAY_ADDRESS``.
+
+    Returns True if this call started (or connected) Ray, False if it was already initialised,
+    so callers know whether they own the shutdown.
+    """
+    apply_env()
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = kwargs.pop("runtime_env", {}) or {}
+    env_vars = {**worker_env_vars(), **runtime_env.get("env_vars", {})}
+    runtime_env = {**runtime_env, "env_vars": env_vars}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, **kwargs)
+    else:
+        ray.init(
+            _node_ip_address=LOOPBACK,
+            dashboard_host=LOOPBACK,
+            include_dashboard=kwargs.pop("include_dashboard", False),
+            num_cpus=num_cpus,
+            runtime_env=runtime_env,
+            **kwargs,
+        )
+    return True
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None, **kwargs) -> Iterator[None]:
+    """Use Ray for a block; shut it down afterwards only if this block started it."""
+    started = init_ray(address=address, num_cpus=num_cpus, **kwargs)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
