@@ -1,0 +1,1 @@
+"""Semantic IDs: an RQ-VAE turns item embeddings into 3 codes; a 4th token makes IDs unique."""
