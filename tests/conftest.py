@@ -24,7 +24,9 @@ def ray_local():
 
     from tiger_ray.ray_env import init_ray
 
-    started = init_ray(num_cpus=2)
+    # Workers must import functions defined in test modules (train loops, map_batches classes).
+    pythonpath = os.pathsep.join([str(REPO / "tests"), str(REPO)])
+    started = init_ray(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     yield ray
     if started:
         ray.shutdown()
