@@ -1,0 +1,155 @@
+"""Training throughput: our seq2seq step against Hugging Face T5 of the same size, same batches.
+
+Both models get the paper's sizes (d_model 128, 6 heads x 64 (T5: d_kv=64), MLP 1024 (d_ff),
+4 + 4 layers, ReLU, dropout 0.1, untied output layer), the same vocabulary, the same
+length-bucketed batches, the same fused AdamW and the same loss, and run one after the other in
+one process on this machine. A step is forward + backward + optimizer + LR schedule. We report
+training examples per second and the ratio.
+
+    python benchmarks/bench_seq2seq_vs_t5.py                       # Beauty-shaped synthetic data
+    python benchmarks/bench_seq2seq_vs_t5.py --run runs/beauty      # the real training examples
+    python benchmarks/bench_seq2seq_vs_t5.py --precision bf16       # both under bf16 autocast
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tiger_ray.data.schema import Sequences, read_sequences  # noqa: E402
+from tiger_ray.data.split import build_examples  # noqa: E402
+from tiger_ray.semantic_ids.table import SemanticIds, read_semantic_ids  # noqa: E402
+from tiger_ray.seq2seq.data import bucketed_batches, collate, padding_fraction, tokenize_examples  # noqa: E402
+from tiger_ray.seq2seq.model import TigerSeq2Seq  # noqa: E402
+from tiger_ray.seq2seq.presets import Seq2SeqTrainConfig  # noqa: E402
+from tiger_ray.seq2seq.schedule import inverse_sqrt_schedule  # noqa: E402
+from tiger_ray.seq2seq.tokenizer import SemanticIdTokenizer  # noqa: E402
+from tiger_ray.seq2seq.train import make_optimizer, model_config, training_step  # noqa: E402
+
+
+def beauty_like(n_users: int = 22363, n_items: int = 12101, seed: int = 0) -> tuple[Sequences, SemanticIds]:
+    """Random sequences with Beauty's shape (22k users, 12k items, 5-core, mean length ~8.9)."""
+    rng = np.random.default_rng(seed)
+    lengths = np.minimum(5 + rng.geometric(1 / 4.9, size=n_users) - 1, 200)
+    offsets = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = rng.integers(1, n_items + 1, size=int(offsets[-1]))
+    seqs = Sequences(user_ids=np.arange(1, n_users + 1), offsets=offsets, flat=flat)
+    codes = np.zeros((n_items, 4), dtype=np.int64)
+    codes[:, :3] = rng.integers(0, 256, size=(n_items, 3))
+    _, inverse = np.unique(codes[:, :3], axis=0, return_inverse=True)
+    for group in np.unique(inverse):  # c3 disambiguates collisions, as in the real table
+        rows = np.flatnonzero(inverse == group)
+        codes[rows, 3] = np.arange(len(rows))
+    sids = SemanticIds(item_ids=np.arange(1, n_items + 1), codes=codes,
+                       codebook_sizes=(256, 256, 256, int(codes[:, 3].max()) + 1))
+    return seqs, sids
+
+
+def t5_model(vocab_size: int, cfg: Seq2SeqTrainConfig):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=vocab_size, d_model=cfg.d_model, d_kv=cfg.head_dim,
+                      d_ff=cfg.mlp_dim, num_layers=cfg.encoder_layers,
+                      num_decoder_layers=cfg.decoder_layers, num_heads=cfg.num_heads,
+                      dropout_rate=cfg.dropout, feed_forward_proj="relu",
+                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=2,
+                      decoder_start_token_id=1, use_cache=False)
+    return T5ForConditionalGeneration(config)
+
+
+class T5Adapter(torch.nn.Module):
+    """T5 behind our call signature, so both models go through the same ``training_step``."""
+
+    def __init__(self, t5):
+        super().__init__()
+        self.t5 = t5
+
+    def forward(self, source, source_pad, target_in):
+        return self.t5(input_ids=source, attention_mask=(~source_pad).long(),
+                       decoder_input_ids=target_in, use_cache=False).logits
+
+
+def time_steps(model, batches, cfg, warmup: int) -> tuple[float, int, list[float]]:
+    optimizer = make_optimizer(model, cfg)
+    scheduler = inverse_sqrt_schedule(optimizer, cfg.warmup_steps, cfg.decay_start)
+    for batch in batches[:warmup]:
+        training_step(model, optimizer, scheduler, batch, precision=cfg.precision, grad_clip=cfg.grad_clip)
+    losses, examples = [], 0
+    start = time.perf_counter()
+    for batch in batches[warmup:]:
+        losses.append(training_step(model, optimizer, scheduler, batch, precision=cfg.precision,
+                                    grad_clip=cfg.grad_clip))
+        examples += len(batch)
+    return time.perf_counter() - start, examples, losses
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", help="run directory with sequences.parquet + semantic_ids (default: synthetic)")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per model")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per model first")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.run:
+        from tiger_ray.runs import RunDir
+
+        run = RunDir(args.run)
+        sequences, sids = read_sequences(run.sequences), read_semantic_ids(run)
+        source = str(run.root)
+    else:
+        sequences, sids = beauty_like()
+        source = "synthetic Beauty-shaped data"
+    cfg = Seq2SeqTrainConfig(batch_size=args.batch_size, precision=args.precision)
+    tokenizer = SemanticIdTokenizer(sids, num_user_buckets=cfg.num_user_buckets,
+                                    max_history=cfg.max_history)
+    data = tokenize_examples(build_examples(sequences, "train", cfg.max_history), tokenizer)
+    plan = bucketed_batches(data.lengths, cfg.batch_size, seed=0, epoch=0,
+                            chunk_batches=cfg.bucket_chunk_batches)
+    plan = plan[:args.warmup + args.steps]
+    batches = [collate(data, b, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id) for b in plan]
+
+    torch.manual_seed(0)
+    ours = TigerSeq2Seq(model_config(cfg, tokenizer))
+    torch.manual_seed(0)
+    t5 = T5Adapter(t5_model(tokenizer.vocab_size, cfg))
+    results = {"source": source, "examples": len(data), "vocab_size": tokenizer.vocab_size,
+               "batch_size": cfg.batch_size, "timed_steps": len(batches) - args.warmup,
+               "padding_fraction": padding_fraction(data, plan), "threads": torch.get_num_threads(),
+               "precision": cfg.precision, "torch": torch.__version__}
+    for name, model in (("tiger_ray", ours), ("hf_t5", t5)):
+        params = sum(p.numel() for p in model.parameters())
+        seconds, examples, losses = time_steps(model, batches, cfg, args.warmup)
+        results[name] = {"parameters": params, "seconds": seconds, "examples": examples,
+                         "examples_per_second": examples / seconds,
+                         "ms_per_step": 1000 * seconds / max(len(losses), 1),
+                         "loss_first": losses[0], "loss_last": losses[-1]}
+        print(f"{name:10s} {params / 1e6:6.2f}M params  {examples / seconds:8.0f} examples/s  "
+              f"{1000 * seconds / len(losses):7.1f} ms/step  loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    ratio = results["tiger_ray"]["examples_per_second"] / results["hf_t5"]["examples_per_second"]
+    results["speedup"] = ratio
+    print(f"speed-up tiger_ray / hf_t5: {ratio:.2f}x  ({source}; batch {cfg.batch_size}, "
+          f"{results['timed_steps']} timed steps, {torch.get_num_threads()} threads, {cfg.precision}, "
+          f"padding {100 * results['padding_fraction']:.1f}%)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

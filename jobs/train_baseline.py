@@ -1,0 +1,14 @@
+"""Ray job entrypoint for `tiger train-baseline`. Train the dual-encoder baseline with Ray Train and build its FAISS index.
+
+    ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \\
+        -- python jobs/train_baseline.py --run s3://BUCKET/runs/beauty --preset paper --use-gpu
+
+Same flags as `tiger train-baseline` (see --help); --run may be a URI. See jobs/_job.py.
+"""
+
+import sys
+
+from _job import main
+
+if __name__ == "__main__":
+    sys.exit(main("train-baseline"))

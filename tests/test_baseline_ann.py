@@ -1,0 +1,116 @@
+"""FAISS index: catalog ids (not row numbers), save/load, HNSW and IVF-PQ against exact search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tiger_ray.baseline.ann_index import (AnnIndex, IndexConfig, ann_recall, exact_top_k, measure)
+
+
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """The CPU is shared: OpenMP teams spin-wait and make builds 5x slower than one thread."""
+    from tiger_ray.baseline.ann_index import omp_threads
+
+    with omp_threads(1):
+        yield
+
+
+def _clustered(n: int, dim: int = 16, clusters: int = 20, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(clusters, dim))
+    x = centers[rng.integers(clusters, size=n)] + 0.3 * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_search_returns_catalog_ids_not_rows():
+    vectors = _clustered(50)
+    ids = 1000 + 7 * np.arange(50)  # catalog ids unrelated to row numbers
+    index = AnnIndex.build(vectors, ids, IndexConfig("flat"))
+    found, scores = index.search(vectors[[3, 17]], k=1)
+    assert found[:, 0].tolist() == [ids[3], ids[17]]
+    assert scores[:, 0] == pytest.approx([1.0, 1.0], abs=1e-5)  # unit vectors: <v, v> = 1
+    assert set(index.item_ids().tolist()) == set(ids.tolist())
+    # asking for more than the catalog holds leaves -1 slots
+    found, _ = index.search(vectors[:1], k=60)
+    assert (found[0, 50:] == -1).all() and (found[0, :50] >= 1000).all()
+
+
+def test_flat_matches_brute_force_and_rejects_bad_input():
+    vectors = _clustered(300)
+    ids = np.arange(1, 301)
+    queries = _clustered(40, seed=1)
+    index = AnnIndex.build(vectors, ids, IndexConfig("flat"))
+    found, _ = index.search(queries, 10)
+    assert np.array_equal(found, exact_top_k(vectors, ids, queries, 10))
+    with pytest.raises(ValueError, match="not unique"):
+        AnnIndex.build(vectors[:2], np.array([5, 5]), IndexConfig("flat"))
+    with pytest.raises(ValueError, match="queries must be"):
+        index.search(queries[:, :4], 10)
+
+
+@pytest.mark.parametrize("config", [
+    IndexConfig("flat"),
+    IndexConfig("hnsw", hnsw_m=16, hnsw_ef_construction=80, hnsw_ef_search=64),
+    IndexConfig("ivfpq", ivf_nlist=16, ivf_nprobe=8, pq_m=8, pq_nbits=6),
+], ids=lambda c: c.index_type)
+def test_save_load_round_trip(tmp_path, config):
+    vectors = _clustered(1200)
+    ids = np.arange(1, 1201) * 3
+    queries = _clustered(30, seed=2)
+    index = AnnIndex.build(vectors, ids, config)
+    before = index.search(queries, 10)
+    index.save(tmp_path / "idx", extra={"note": "x"})
+    loaded = AnnIndex.load(tmp_path / "idx")
+    after = loaded.search(queries, 10)
+    assert loaded.config == config and loaded.ntotal == 1200 and loaded.dim == 16
+    assert np.array_equal(before[0], after[0])
+    np.testing.assert_allclose(before[1], after[1], rtol=1e-6)
+    assert loaded.nbytes() == index.nbytes() > 0
+
+
+def test_hnsw_and_ivfpq_recall_against_exact():
+    vectors = _clustered(3000)
+    ids = np.arange(1, 3001)
+    queries = _clustered(200, seed=3)
+    hnsw = AnnIndex.build(vectors, ids, IndexConfig("hnsw", hnsw_m=16, hnsw_ef_construction=100,
+                                                    hnsw_ef_search=128))
+    ivfpq = AnnIndex.build(vectors, ids, IndexConfig("ivfpq", ivf_nlist=32, ivf_nprobe=32, pq_m=8, pq_nbits=6))
+    low_probe = AnnIndex.build(vectors, ids, IndexConfig("ivfpq", ivf_nlist=32, ivf_nprobe=1, pq_m=8, pq_nbits=6))
+    r_hnsw = measure(hnsw, vectors, ids, queries)["ann_recall@10"]
+    r_ivfpq = measure(ivfpq, vectors, ids, queries)["ann_recall@10"]
+    r_low = measure(low_probe, vectors, ids, queries)["ann_recall@10"]
+    assert r_hnsw > 0.9
+    assert 0.3 < r_ivfpq < 1.0  # quantised distances: good but not exact
+    assert r_low < r_ivfpq  # visiting fewer lists finds fewer true neighbours
+    # compression: PQ codes (8 x 6 bits) are much smaller than float vectors (64 bytes)
+    assert ivfpq.nbytes() < hnsw.nbytes()
+
+
+def test_search_params_override_on_load(tmp_path):
+    vectors = _clustered(1200)
+    ids = np.arange(1, 1201)
+    AnnIndex.build(vectors, ids, IndexConfig("ivfpq", ivf_nlist=16, ivf_nprobe=16, pq_m=8, pq_nbits=6)).save(tmp_path / "i")
+    assert AnnIndex.load(tmp_path / "i", ivf_nprobe=2).config.ivf_nprobe == 2
+    with pytest.raises(ValueError, match="pq_m"):
+        AnnIndex.build(vectors, ids, IndexConfig("ivfpq", pq_m=5))
+    with pytest.raises(FileNotFoundError, match="baseline-index"):
+        AnnIndex.load(tmp_path / "missing")
+
+
+def test_gpu_index_falls_back_to_cpu_without_gpu(caplog):
+    from tiger_ray.baseline.ann_index import faiss_gpus
+
+    vectors = _clustered(100)
+    index = AnnIndex.build(vectors, np.arange(1, 101), IndexConfig("flat", gpu_index=True))
+    if faiss_gpus() == 0:
+        assert not index.on_gpu
+        assert "searching on CPU" in caplog.text
+    assert index.search(vectors[:1], 1)[0][0, 0] == 1
+
+
+def test_ann_recall_counts_overlap():
+    exact = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    approx = np.array([[4, 3, 9, -1], [5, 6, 7, 8]])
+    assert ann_recall(approx, exact) == pytest.approx((2 / 4 + 4 / 4) / 2)

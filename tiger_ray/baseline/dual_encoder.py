@@ -1,0 +1,212 @@
+"""The dual-encoder baseline: a SASRec-style query tower and an ID + text item tower.
+
+    item tower   v_i = E_id[i] + W * text_i                (text_i: the item's `tiger embed` vector)
+    query tower  q   = causal self-attention over the last <= max_history item vectors of the
+                       history (right-aligned, so the newest item is always at the last position),
+                       read out at the last position (+ an optional user embedding)
+    score        s(q, i) = <q, v_i> / temperature          (both L2-normalised when `normalize`)
+
+Because the text path is part of every item vector, an item never seen in training still gets a
+meaningful vector; ID dropout during training makes the text path carry weight on its own.
+Retrieval is maximum inner product search over the item vectors (FAISS, see ``ann_index.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tiger_ray.baseline import losses
+
+
+@dataclass
+class DualEncoderConfig:
+    num_items: int  # catalog size N; item ids are 1..N, 0 is padding
+    text_dim: int = 0  # width of the text embeddings; 0 = ID embeddings only
+    num_users: int = 0  # > 0 adds a user embedding to the query (user index 1..num_users, 0 unknown)
+    dim: int = 64
+    max_history: int = 20
+    num_layers: int = 2
+    num_heads: int = 2
+    dropout: float = 0.2
+    id_dropout: float = 0.1  # probability of dropping an item's ID embedding in training
+    normalize: bool = True  # cosine scores (unit vectors) divided by temperature
+    temperature: float = 0.05
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SelfAttentionBlock(nn.Module):
+    """Pre-LayerNorm transformer block: causal multi-head attention, then a position-wise MLP."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.dropout = nn.Dropout(dropout)
+        self.attn_dropout = dropout
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        b, length, dim = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(dim, dim=2)
+        q, k, v = (t.view(b, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
+                   for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        x = x + self.dropout(self.proj(y.transpose(1, 2).reshape(b, length, dim)))
+        return x + self.dropout(self.mlp(self.ln2(x)))
+
+
+class DualEncoder(nn.Module):
+    def __init__(self, config: DualEncoderConfig, text_embeddings: torch.Tensor | None = None):
+        """``text_embeddings`` is [N+1, text_dim] (row 0 zero). It is needed to compute item vectors
+        (training, index building) but not to encode queries from a precomputed item table."""
+        super().__init__()
+        self.config = c = config
+        self.item_id = nn.Embedding(c.num_items + 1, c.dim, padding_idx=0)
+        self.text_proj = nn.Linear(c.text_dim, c.dim) if c.text_dim else None
+        # Not persistent: the text matrix comes from RUN/embeddings, checkpoints stay small.
+        self.register_buffer("text", None if text_embeddings is None
+                             else text_embeddings.float(), persistent=False)
+        if text_embeddings is not None and tuple(text_embeddings.shape) != (c.num_items + 1, c.text_dim):
+            raise ValueError(f"text_embeddings must be [{c.num_items + 1}, {c.text_dim}], "
+                             f"got {tuple(text_embeddings.shape)}")
+        self.position = nn.Embedding(c.max_history, c.dim)
+        self.user = nn.Embedding(c.num_users + 1, c.dim, padding_idx=0) if c.num_users else None
+        self.input_dropout = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(SelfAttentionBlock(c.dim, c.num_heads, c.dropout)
+                                    for _ in range(c.num_layers))
+        self.ln_f = nn.LayerNorm(c.dim)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.padding_idx is not None:
+                module.weight.data[module.padding_idx].zero_()
+
+    # ------------------------------------------------------------------ item tower
+
+    def item_repr(self, ids: torch.Tensor) -> torch.Tensor:
+        """Unnormalised item representations [..., dim]; padding (id 0) maps to zeros."""
+        x = self.item_id(ids)
+        if self.training and self.config.id_dropout > 0:
+            keep = torch.rand(ids.shape, device=ids.device) >= self.config.id_dropout
+            x = x * keep.unsqueeze(-1)
+        if self.text_proj is not None:
+            if self.text is None:
+                raise RuntimeError("this DualEncoder was built without text embeddings; "
+                                   "pass an item table to encode_queries instead")
+            x = x + self.text_proj(self.text[ids]) * (ids != 0).unsqueeze(-1)
+        return x
+
+    def item_table(self) -> torch.Tensor:
+        """[N+1, dim] representations of every item (row 0 zero); the query tower's input."""
+        return self.item_repr(torch.arange(self.config.num_items + 1, device=self.item_id.weight.device))
+
+    def score_vectors(self, reprs: torch.Tensor) -> torch.Tensor:
+        """Vectors whose inner product is the score (up to the temperature)."""
+        return F.normalize(reprs, dim=-1) if self.config.normalize else reprs
+
+    def scale(self) -> float:
+        return 1.0 / self.config.temperature if self.config.normalize else 1.0
+
+    # ------------------------------------------------------------------ query tower
+
+    def encode_queries(self, history: torch.Tensor, users: torch.Tensor | None = None,
+                       table: torch.Tensor | None = None) -> torch.Tensor:
+        """Query vectors [B, dim] for right-aligned histories [B, max_history] (0 = padding).
+
+        ``table`` is a precomputed ``item_table()`` (inference); without it, the history items
+        go through the item tower (training, so gradients reach it).
+        """
+        c = self.config
+        if history.shape[1] != c.max_history:
+            raise ValueError(f"history must be [B, {c.max_history}], got {tuple(history.shape)}")
+        x = table[history] if table is not None else self.item_repr(history)
+        x = self.input_dropout(x + self.position.weight)
+        valid = history != 0
+        causal = torch.ones(c.max_history, c.max_history, dtype=torch.bool, device=x.device).tril()
+        # Position j attends to valid items at or before j. Padded positions attend to themselves
+        # only, so no row of the mask is empty (an all-masked softmax row gives NaN).
+        allowed = (causal & valid[:, None, :]) | torch.eye(c.max_history, dtype=torch.bool, device=x.device)
+        allowed = allowed.unsqueeze(1)  # [B, 1, L, L], broadcast over heads
+        for block in self.blocks:
+            x = block(x, allowed)
+        q = self.ln_f(x[:, -1])
+        if self.user is not None and users is not None:
+            q = q + self.user(users)
+        return self.score_vectors(q)
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, history: torch.Tensor, users: torch.Tensor | None, targets: torch.Tensor,
+                loss: str = "full", log_q: torch.Tensor | None = None) -> torch.Tensor:
+        """Training loss of a batch.
+
+        ``loss="full"`` is a softmax over the whole catalog; ``"in_batch"`` a sampled softmax whose
+        negatives are the other targets of the batch, corrected by ``log_q`` (log sampling
+        probability per item id) when given.
+        """
+        queries = self.encode_queries(history, users)
+        if loss == "full":
+            items = self.score_vectors(self.item_table())
+            return losses.full_softmax_loss(queries, items, targets, scale=self.scale())
+        if loss == "in_batch":
+            items = self.score_vectors(self.item_repr(targets))
+            return losses.in_batch_softmax_loss(queries, items, targets, log_q=log_q, scale=self.scale())
+        raise ValueError(f"loss must be 'full' or 'in_batch', got {loss!r}")
+
+
+def pad_histories(histories: list[np.ndarray], max_history: int) -> np.ndarray:
+    """Right-aligned [B, max_history] int64 matrix of the last ``max_history`` items (0 = padding)."""
+    out = np.zeros((len(histories), max_history), dtype=np.int64)
+    for row, items in enumerate(histories):
+        items = np.asarray(items, dtype=np.int64)[-max_history:]
+        if len(items):
+            out[row, max_history - len(items):] = items
+    return out
+
+
+def pad_examples(offsets: np.ndarray, flat: np.ndarray, max_history: int) -> np.ndarray:
+    """``pad_histories`` for histories stored flat with offsets (vectorised; for ~1e5+ examples)."""
+    lengths = np.minimum(np.diff(offsets), max_history)
+    out = np.zeros((len(lengths), max_history), dtype=np.int64)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    # k-th kept item of row r: flat[offsets[r+1] - lengths[r] + k] -> column max_history - lengths[r] + k
+    within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    src = np.repeat(offsets[1:] - lengths, lengths) + within
+    out[rows, np.repeat(max_history - lengths, lengths) + within] = flat[src]
+    return out
+
+
+def text_matrix(item_ids: np.ndarray, vectors: np.ndarray, num_items: int) -> torch.Tensor:
+    """[N+1, dim] text embedding table indexed by item id; checks every catalog item has one."""
+    if len(item_ids) != num_items or not np.array_equal(np.sort(item_ids), np.arange(1, num_items + 1)):
+        missing = np.setdiff1d(np.arange(1, num_items + 1), item_ids)[:5].tolist()
+        raise ValueError(f"embeddings cover {len(item_ids)} items but the catalog has {num_items} "
+                         f"(ids 1..{num_items}); e.g. missing item_id {missing}")
+    table = np.zeros((num_items + 1, vectors.shape[1]), dtype=np.float32)
+    table[item_ids] = vectors
+    return torch.from_numpy(table)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+

@@ -1,0 +1,338 @@
+"""Training the dual encoder with Ray Train, then exporting it and building its FAISS index.
+
+    RUN/baseline/ray/dual_encoder/       Ray Train run: checkpoints (resume, restarts)
+    RUN/baseline/model.pt                best model (by validation recall@10) + item table
+    RUN/baseline/index-<type>/           FAISS index (see ann_index.py)
+    RUN/baseline/config.json             BaselineConfig + IndexConfig used
+    RUN/baseline/summary.json            per-epoch log, best epoch, validation metrics, timings
+
+Training examples are the shared ones (``build_examples(..., "train")``: every prefix of each
+user's training part), sharded across workers by a per-epoch permutation. After every epoch all
+workers score their share of the validation users with exact search and the totals are summed,
+so every rank takes the same early-stopping decision. The test split is never looked at here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tiger_ray import atomic, config as config_lib
+from tiger_ray.baseline import ann_index
+from tiger_ray.baseline.config import BaselineConfig
+from tiger_ray.baseline.dual_encoder import (DualEncoder, DualEncoderConfig, pad_examples,
+                                             parameter_count, text_matrix)
+from tiger_ray.baseline.losses import log_sampling_probability
+from tiger_ray.data.schema import read_items, read_sequences
+from tiger_ray.data.split import build_examples
+from tiger_ray.evaluation.metrics import MetricCollection
+from tiger_ray.runs import RunDir
+
+log = logging.getLogger(__name__)
+
+RAY_RUN_NAME = "dual_encoder"
+MODEL_FILE = "model.pt"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"
+# Settings that may change between a run and its resumption (they do not change the model).
+RESUMABLE_CHANGES = {"epochs", "patience", "workers", "use_gpu", "cpus_per_worker", "torch_threads",
+                     "max_failures", "fresh", "eval_batch_size"}
+
+
+# ---------------------------------------------------------------- data (plain numpy / torch)
+
+@dataclass
+class TrainingData:
+    num_items: int
+    user_ids: np.ndarray  # [U] training users; user index u+1 in the embedding (0 = unknown)
+    history: np.ndarray  # [E, max_history] right-aligned training histories
+    users: np.ndarray  # [E] user index
+    targets: np.ndarray  # [E]
+    valid_history: np.ndarray
+    valid_users: np.ndarray
+    valid_targets: np.ndarray
+    text: torch.Tensor | None  # [N+1, text_dim]
+
+
+def load_training_data(run: RunDir, config: BaselineConfig) -> TrainingData:
+    from tiger_ray.embedding.store import load_embeddings
+
+    num_items = read_items(run.require(run.items, "tiger prepare"), columns=["item_id"]).num_rows
+    sequences = read_sequences(run.require(run.sequences, "tiger prepare"))
+    train = build_examples(sequences, "train", max_history=config.max_history)
+    valid = build_examples(sequences, "valid", max_history=config.max_history)
+    n = len(train) if not config.max_examples else min(config.max_examples, len(train))
+    text = None
+    if config.use_text:
+        item_ids, vectors = load_embeddings(run)
+        text = text_matrix(item_ids, vectors, num_items)
+    return TrainingData(
+        num_items=num_items, user_ids=sequences.user_ids,
+        history=pad_examples(train.offsets[: n + 1], train.flat, config.max_history),
+        users=train.user_index[:n] + 1, targets=train.targets[:n],
+        valid_history=pad_examples(valid.offsets, valid.flat, config.max_history),
+        valid_users=valid.user_index + 1, valid_targets=valid.targets, text=text)
+
+
+def model_config(config: BaselineConfig, data: TrainingData) -> DualEncoderConfig:
+    return DualEncoderConfig(
+        num_items=data.num_items, text_dim=0 if data.text is None else int(data.text.shape[1]),
+        num_users=len(data.user_ids) if config.user_embedding else 0, dim=config.dim,
+        max_history=config.max_history, num_layers=config.num_layers, num_heads=config.num_heads,
+        dropout=config.dropout, id_dropout=config.id_dropout, normalize=config.normalize,
+        temperature=config.temperature)
+
+
+# ---------------------------------------------------------------- one epoch, one evaluation
+
+def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: TrainingData,
+                rows: np.ndarray, config: BaselineConfig, log_q: torch.Tensor | None,
+                device: torch.device, progress: bool = True, desc: str = "train") -> float:
+    """One pass over ``rows`` of the training examples; returns the mean loss."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    total, steps = 0.0, 0
+    batches = range(0, len(rows), config.batch_size)
+    for lo in tqdm(batches, desc=desc, unit="batch", disable=not progress, mininterval=2.0):
+        idx = rows[lo: lo + config.batch_size]
+        history = torch.from_numpy(data.history[idx]).to(device)
+        users = torch.from_numpy(data.users[idx]).to(device)
+        targets = torch.from_numpy(data.targets[idx]).to(device)
+        loss = model(history, users, targets, loss=config.loss,
+                     log_q=log_q if config.log_q else None)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        total += float(loss.detach())
+        steps += 1
+    return total / max(steps, 1)
+
+
+@torch.no_grad()
+def evaluate_exact(model: DualEncoder, history: np.ndarray, users: np.ndarray, targets: np.ndarray,
+                   batch_size: int, device: torch.device) -> MetricCollection:
+    """Recall/NDCG@5/10 with exact top-k over the whole catalog (what the Flat index returns)."""
+    model.eval()
+    items = model.score_vectors(model.item_table())
+    table = model.item_table()
+    metrics = MetricCollection.default()
+    for lo in range(0, len(targets), batch_size):
+        h = torch.from_numpy(history[lo: lo + batch_size]).to(device)
+        u = torch.from_numpy(users[lo: lo + batch_size]).to(device)
+        scores = model.encode_queries(h, u, table=table) @ items.T
+        scores[:, 0] = float("-inf")
+        top = scores.topk(metrics.max_k, dim=1).indices.cpu().numpy()
+        metrics.update(top, targets[lo: lo + batch_size])
+    return metrics
+
+
+def all_reduce_metrics(metrics: MetricCollection) -> dict[str, float]:
+    """Sum metric totals over DDP ranks (no-op without torch.distributed) and compute."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        sums = torch.tensor([[m.total, m.count] for m in metrics.metrics], dtype=torch.float64)
+        dist.all_reduce(sums)
+        for m, (total, count) in zip(metrics.metrics, sums.tolist()):
+            m.total, m.count = total, int(count)
+    return {**metrics.compute(), "count": metrics.count}
+
+
+def epoch_rows(num_examples: int, epoch: int, seed: int, rank: int, world: int) -> np.ndarray:
+    """This rank's examples for an epoch: a shared shuffle cut into equal shares (DDP needs every
+    rank to take the same number of steps)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    share = num_examples // world
+    return perm[rank * share: (rank + 1) * share]
+
+
+# ---------------------------------------------------------------- Ray Train worker loop
+
+def train_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import copy
+
+    import ray.train.torch
+
+    from tiger_ray import distributed
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = BaselineConfig(**loop_config["config"])
+    run = RunDir(loop_config["run"])
+    rank, world = distributed.world_rank(), distributed.world_size()
+    device = distributed.torch_device()
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    torch.manual_seed(config.seed)
+
+    data = load_training_data(run, config)
+    model = DualEncoder(model_config(config, data), data.text).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    log_q = log_sampling_probability(data.targets, data.num_items).to(device)
+
+    state = distributed.load_checkpoint_state()
+    if state is None:
+        state = {"epoch": -1, "best_epoch": -1, "best_recall": -1.0, "bad_epochs": 0,
+                 "history": [], "train_seconds": 0.0, "best_model": None, "done": False}
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if rank == 0:
+            log.info("resuming after epoch %d (best recall@10 %.4f at epoch %d)", state["epoch"] + 1,
+                     state["best_recall"], state["best_epoch"] + 1)
+    # Finished = out of epochs or patience under *this* config (a resume may raise --epochs).
+    state["done"] = state["epoch"] + 1 >= config.epochs or state["bad_epochs"] >= config.patience
+    if state["done"]:  # a finished run: report its final state once so the Result carries it
+        distributed.report({"epoch": state["epoch"] + 1, "done": True}, state)
+        return
+
+    ddp_model = ray.train.torch.prepare_model(model)  # DDP when world > 1; moves to device
+    raw = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
+    if rank == 0:
+        log.info("dual encoder: %d parameters, %d training examples over %d workers, loss=%s%s",
+                 parameter_count(raw), len(data.targets), world, config.loss,
+                 " with log-Q correction" if config.loss == "in_batch" and config.log_q else "")
+    for epoch in range(state["epoch"] + 1, config.epochs):
+        start = time.perf_counter()
+        rows = epoch_rows(len(data.targets), epoch, config.seed, rank, world)
+        loss = train_epoch(ddp_model, optimizer, data, rows, config, log_q, device, progress=rank == 0,
+                           desc=f"epoch {epoch + 1}/{config.epochs}")
+        # Validation: each rank scores a contiguous share of the users; totals are summed.
+        share = np.array_split(np.arange(len(data.valid_targets)), world)[rank]
+        metrics = all_reduce_metrics(evaluate_exact(
+            raw, data.valid_history[share], data.valid_users[share], data.valid_targets[share],
+            config.eval_batch_size, device))
+        seconds = time.perf_counter() - start
+        state["train_seconds"] += seconds
+        entry = {"epoch": epoch + 1, "loss": loss, "seconds": seconds,
+                 **{f"valid_{k}": v for k, v in metrics.items() if k != "count"}}
+        if metrics["recall@10"] > state["best_recall"]:
+            state.update(best_recall=metrics["recall@10"], best_epoch=epoch, bad_epochs=0,
+                         best_model=copy.deepcopy(raw.state_dict()))
+        else:
+            state["bad_epochs"] += 1
+        state["history"].append(entry)
+        state.update(epoch=epoch, model=raw.state_dict(), optimizer=optimizer.state_dict())
+        state["done"] = epoch + 1 >= config.epochs or state["bad_epochs"] >= config.patience
+        if rank == 0:
+            log.info("epoch %d/%d loss %.4f valid recall@10 %.4f ndcg@10 %.4f (best %.4f @ epoch %d) %.1fs",
+                     epoch + 1, config.epochs, loss, metrics["recall@10"], metrics["ndcg@10"],
+                     state["best_recall"], state["best_epoch"] + 1, seconds)
+        distributed.report(entry, state)
+        if state["done"]:
+            if rank == 0 and state["bad_epochs"] >= config.patience:
+                log.info("early stop: no better validation recall@10 for %d epochs", config.patience)
+            break
+
+
+# ---------------------------------------------------------------- driver: the stage
+
+def _check_resumable(storage: Path, config: BaselineConfig) -> None:
+    """Refuse to resume a checkpoint made with different model settings."""
+    from tiger_ray import distributed
+
+    saved_path = storage / RAY_RUN_NAME / "baseline_config.json"
+    if config.fresh or not saved_path.exists() or distributed.latest_checkpoint_dir(storage, RAY_RUN_NAME) is None:
+        return
+    saved = atomic.read_json(saved_path)
+    changed = sorted(k for k, v in config_lib.to_dict(config).items()
+                     if k not in RESUMABLE_CHANGES and saved.get(k) != v)
+    if changed:
+        raise ValueError(f"{storage / RAY_RUN_NAME} holds a training run made with different settings "
+                         f"({', '.join(changed)}); pass --fresh to start over")
+
+
+def result_state(result) -> dict:
+    """The state dict of a ``ray.train.Result``'s checkpoint."""
+    from tiger_ray.distributed import STATE_FILE
+
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train finished without a checkpoint (error: {result.error})")
+    with result.checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def export_model(run: RunDir, model: DualEncoder, user_ids: np.ndarray) -> Path:
+    """Save what retrieval needs: query tower weights and the item table (no text matrix)."""
+    model.eval()
+    with torch.no_grad():
+        table = model.item_table().cpu()
+    state = {k: v for k, v in model.state_dict().items()}
+    payload = {"config": model.config.to_dict(), "model": state, "item_table": table,
+               "user_ids": torch.from_numpy(np.asarray(user_ids, dtype=np.int64))}
+    path = run.baseline / MODEL_FILE
+    with atomic.atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def run_train_baseline(run: RunDir, config: BaselineConfig,
+                       index_config: ann_index.IndexConfig | None = None) -> dict:
+    """Train (or resume) the dual encoder on Ray Train, export the best model, build the index."""
+    from tiger_ray import distributed
+    from tiger_ray.baseline.retriever import build_run_index
+
+    index_config = index_config or ann_index.IndexConfig()
+    run.require(run.items, "tiger prepare")
+    run.require(run.sequences, "tiger prepare")
+    if config.use_text:
+        run.require(run.embeddings / "manifest.json", "tiger embed")
+    run.baseline.mkdir(parents=True, exist_ok=True)
+    storage = run.baseline / "ray"
+    _check_resumable(storage, config)
+    atomic.write_json(run.baseline / CONFIG_FILE,
+                      {"baseline": config_lib.to_dict(config), "index": asdict(index_config)})
+
+    start = time.perf_counter()
+    resources = distributed.TrainerResources(workers=config.workers, use_gpu=config.use_gpu,
+                                             cpus_per_worker=config.cpus_per_worker)
+    if config.fresh and (storage / RAY_RUN_NAME).exists():
+        import shutil
+
+        shutil.rmtree(storage / RAY_RUN_NAME)
+    (storage / RAY_RUN_NAME).mkdir(parents=True, exist_ok=True)
+    atomic.write_json(storage / RAY_RUN_NAME / "baseline_config.json", config_lib.to_dict(config))
+    result = distributed.fit(train_loop, {"config": config_lib.to_dict(config), "run": str(run.root)},
+                             name=RAY_RUN_NAME, storage_dir=storage, resources=resources,
+                             max_failures=config.max_failures)
+    fit_seconds = time.perf_counter() - start
+    state = result_state(result)
+    if state.get("best_model") is None:
+        raise RuntimeError("training ended before the first epoch finished")
+
+    data = load_training_data(run, config)
+    model = DualEncoder(model_config(config, data), data.text)
+    model.load_state_dict(state["best_model"])
+    export_model(run, model, data.user_ids)
+    index_summary = build_run_index(run, index_config)
+    best = state["history"][state["best_epoch"]]
+    summary = {
+        "model": "ann",
+        "loss": config.loss + (" + log-Q" if config.loss == "in_batch" and config.log_q else ""),
+        "parameters": parameter_count(model),
+        "train_examples": int(len(data.targets)),
+        "epochs_run": state["epoch"] + 1,
+        "best_epoch": state["best_epoch"] + 1,
+        "stopped_early": state["bad_epochs"] >= config.patience,
+        "valid": {k.removeprefix("valid_"): v for k, v in best.items() if k.startswith("valid_")},
+        "history": state["history"],
+        "train_seconds": state["train_seconds"],  # epochs only, summed over resumptions
+        "fit_seconds": fit_seconds,  # this call's Ray Train wall time (startup included)
+        "workers": config.workers,
+        "use_gpu": config.use_gpu,
+        "index": index_summary,
+        "total_seconds": time.perf_counter() - start,
+    }
+    atomic.write_json(run.baseline / SUMMARY_FILE, summary)
+    log.info("dual encoder: best epoch %d, valid recall@10 %.4f ndcg@10 %.4f; %s index %s",
+             summary["best_epoch"], summary["valid"]["recall@10"], summary["valid"]["ndcg@10"],
+             index_config.index_type, index_summary["path"])
+    return summary

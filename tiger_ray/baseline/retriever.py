@@ -1,0 +1,158 @@
+"""The dual encoder as a ``Retriever``: encode the history, search the FAISS index.
+
+``load_retriever(run)`` is what `tiger evaluate --model ann`, `tiger compare` and serving use. It
+needs only RUN/baseline/ (model.pt and an index directory), not the text embeddings: item vectors
+are precomputed in model.pt's item table and in the index.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tiger_ray import atomic
+from tiger_ray.baseline import ann_index
+from tiger_ray.baseline.ann_index import AnnIndex, IndexConfig
+from tiger_ray.baseline.dual_encoder import DualEncoder, DualEncoderConfig, pad_histories
+from tiger_ray.evaluation.retrieval import Recommendations
+from tiger_ray.runs import RunDir
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+CONFIG_FILE = "config.json"
+
+
+def index_dir(run: RunDir, index_type: str) -> Path:
+    if index_type not in ann_index.INDEX_TYPES:
+        raise ValueError(f"index type must be one of {ann_index.INDEX_TYPES}, got {index_type!r}")
+    return run.baseline / f"index-{index_type}"
+
+
+def default_index_type(run: RunDir) -> str:
+    """The index type `tiger train-baseline` was configured with (flat if unknown)."""
+    path = run.baseline / CONFIG_FILE
+    return atomic.read_json(path)["index"]["index_type"] if path.exists() else "flat"
+
+
+def load_model(run: RunDir, device: str | torch.device = "cpu") -> tuple[DualEncoder, torch.Tensor, np.ndarray]:
+    """(model in eval mode, item table [N+1, dim], training user ids) from RUN/baseline/model.pt."""
+    path = run.require(run.baseline / MODEL_FILE, "tiger train-baseline")
+    payload = torch.load(path, map_location=device, weights_only=True)
+    model = DualEncoder(DualEncoderConfig(**payload["config"])).to(device)
+    model.load_state_dict(payload["model"])
+    model.eval()
+    return model, payload["item_table"].to(device), payload["user_ids"].cpu().numpy()
+
+
+class AnnRetriever:
+    """Dual-encoder query tower + FAISS search, returning catalog item ids."""
+
+    name = "ann"
+
+    def __init__(self, model: DualEncoder, item_table: torch.Tensor, index: AnnIndex | None,
+                 user_ids: np.ndarray, device: str | torch.device = "cpu"):
+        self.model = model
+        self.table = item_table
+        self.index = index
+        self.device = torch.device(device)
+        self.num_items = model.config.num_items
+        # user id -> embedding row (1-based; 0 = unknown user, a zero vector)
+        self._user_order = np.argsort(user_ids)
+        self._sorted_users = np.asarray(user_ids)[self._user_order]
+
+    def user_index(self, user_ids: np.ndarray) -> np.ndarray:
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        if len(self._sorted_users) == 0:
+            return np.zeros(len(user_ids), dtype=np.int64)
+        pos = np.clip(np.searchsorted(self._sorted_users, user_ids), 0, len(self._sorted_users) - 1)
+        known = self._sorted_users[pos] == user_ids
+        return np.where(known, self._user_order[pos] + 1, 0)
+
+    def encode(self, histories: list[np.ndarray], user_ids: np.ndarray | None = None) -> np.ndarray:
+        """Query vectors [B, dim] for histories of item ids (oldest first)."""
+        for row, items in enumerate(histories):
+            items = np.asarray(items)
+            if len(items) and (items.min() < 1 or items.max() > self.num_items):
+                bad = items[(items < 1) | (items > self.num_items)][0]
+                raise ValueError(f"histories[{row}]: item id {int(bad)} is not in the catalog "
+                                 f"(1..{self.num_items})")
+        history = torch.from_numpy(pad_histories(histories, self.model.config.max_history)).to(self.device)
+        users = None
+        if self.model.user is not None and user_ids is not None:
+            users = torch.from_numpy(self.user_index(user_ids)).to(self.device)
+        with torch.inference_mode():
+            return self.model.encode_queries(history, users, table=self.table).float().cpu().numpy()
+
+    def recommend(self, histories: list[np.ndarray], user_ids: np.ndarray, k: int) -> Recommendations:
+        """Top-k catalog item ids by inner product; scores are the model's logits."""
+        ids, scores = self.index.search(self.encode(histories, user_ids), k)
+        return Recommendations(item_ids=ids, scores=(scores * self.model.scale()).astype(np.float32))
+
+    def index_bytes(self) -> int:
+        """Bytes of the FAISS index (vectors or codes + structure + id map)."""
+        return self.index.nbytes()
+
+
+def load_retriever(run: RunDir, index_type: str | None = None, gpu_index: bool = False,
+                   hnsw_ef_search: int | None = None, ivf_nprobe: int | None = None,
+                   device: str = "cpu") -> AnnRetriever:
+    """The trained dual encoder with its FAISS index (default: the type chosen at training).
+
+    ``hnsw_ef_search`` / ``ivf_nprobe`` override the saved search-time parameters.
+    """
+    model, table, user_ids = load_model(run, device)
+    index_type = index_type or default_index_type(run)
+    path = index_dir(run, index_type)
+    index = AnnIndex.load(path, gpu_index=gpu_index, hnsw_ef_search=hnsw_ef_search, ivf_nprobe=ivf_nprobe)
+    if index.ntotal != model.config.num_items:
+        raise ValueError(f"{path}: index holds {index.ntotal} items but the model has "
+                         f"{model.config.num_items}; rebuild it with `tiger baseline-index --run {run.root}`")
+    return AnnRetriever(model, table, index, user_ids, device)
+
+
+# ---------------------------------------------------------------- building and measuring indexes
+
+def item_vectors(model: DualEncoder, table: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(item ids 1..N, scoring vectors [N, dim]) to put in the index."""
+    with torch.no_grad():
+        vectors = model.score_vectors(table[1:]).float().cpu().numpy()
+    return np.arange(1, model.config.num_items + 1, dtype=np.int64), vectors
+
+
+def split_queries(run: RunDir, encoder: AnnRetriever, split: str, limit: int) -> np.ndarray:
+    """Query vectors of the first ``limit`` users of a split (the real query distribution)."""
+    from tiger_ray.data.schema import read_sequences
+    from tiger_ray.data.split import build_examples
+
+    examples = build_examples(read_sequences(run.sequences), split)
+    n = min(limit, len(examples))
+    chunks = [encoder.encode([examples.history(i) for i in range(lo, min(lo + 1024, n))],
+                             examples.user_ids[lo: min(lo + 1024, n)]) for lo in range(0, n, 1024)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, encoder.model.config.dim), np.float32)
+
+
+def build_run_index(run: RunDir, config: IndexConfig, measure_split: str = "valid",
+                    measure_queries: int = 5000, k: int = 10) -> dict:
+    """Build the ``config.index_type`` index over the exported model's item vectors, measure its
+    recall@k against exact search on real queries, and save it as RUN/baseline/index-<type>/."""
+    model, table, user_ids = load_model(run)
+    ids, vectors = item_vectors(model, table)
+    index = AnnIndex.build(vectors, ids, config)
+    encoder = AnnRetriever(model, table, index, user_ids)
+    queries = split_queries(run, encoder, measure_split, measure_queries)
+    start = time.perf_counter()
+    measured = ann_index.measure(index, vectors, ids, queries, k=k)
+    log.info("%s index: ann recall@%d vs exact %.4f on %d %s queries; %.3f ms/query single, "
+             "%.4f ms/query batched (%.1fs)", config.index_type, k, measured[f"ann_recall@{k}"],
+             len(queries), measure_split, measured["single_query_ms"], measured["batched_ms_per_query"],
+             time.perf_counter() - start)
+    path = index_dir(run, config.index_type)
+    index.save(path, extra={"measured_on": measure_split, **measured})
+    return {"index_type": config.index_type, "params": config.params(), "path": str(path),
+            "bytes": index.nbytes(), "bytes_per_item": index.nbytes() / max(index.ntotal, 1),
+            "measured_on": measure_split, **measured}

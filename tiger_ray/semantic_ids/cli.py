@@ -1,0 +1,32 @@
+"""`tiger train-rqvae`: RQ-VAE on Ray Train, then the Semantic-ID table, report and plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from tiger_ray.config import add_config_args, build_config
+from tiger_ray.semantic_ids.config import PRESETS, RQVAEConfig
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train-rqvae", help="train the RQ-VAE (Ray Train) and assign Semantic IDs to every item",
+        description="Train the RQ-VAE on RUN/embeddings with Ray Train (DDP, checkpoints in "
+        "RUN/semantic_ids/train/; a re-run resumes), then write RUN/semantic_ids/"
+        "semantic_ids.parquet (item_id, c0..c3), model.pt, metrics.jsonl, report.json and plots.")
+    parser.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory (after `tiger embed`)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                        help="tiny (tests), cpu (this machine), paper (GPU clusters); flags override it")
+    add_config_args(parser, RQVAEConfig)
+    parser.set_defaults(func=_train_rqvae)
+
+
+def _train_rqvae(args: argparse.Namespace) -> int:
+    from tiger_ray.runs import RunDir
+    from tiger_ray.semantic_ids.ray_train import run_train_rqvae
+
+    config = build_config(RQVAEConfig, args, PRESETS[args.preset])
+    summary = run_train_rqvae(RunDir(args.run), config)
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,114 @@
+"""The FastAPI app: routes, the body-size limit, and JSON error bodies for every client mistake.
+
+``build_http_app(service)`` is called once per ingress replica (``deployments.RecommenderApi``);
+``service`` does the work, this module only speaks HTTP. OpenAPI docs are at /docs.
+
+Status codes: 400 body is not JSON / not an object, 404 unknown item or route, 405 wrong method,
+413 body over the limit, 422 a field is wrong (types, ranges, unknown items, model not served),
+503 a model replica is not answering (GET /healthz only). Every error body has the same shape,
+``schema.ErrorResponse``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from fastapi import FastAPI, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tiger_ray.serving.schema import (
+    MAX_ASIN_LENGTH,
+    ErrorResponse,
+    HealthResponse,
+    InfoResponse,
+    ItemDetails,
+    RecommendRequest,
+    RecommendResponse,
+    RequestError,
+    describe_validation_errors,
+)
+
+log = logging.getLogger(__name__)
+
+HTTP_ERRORS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
+               413: "body_too_large", 415: "unsupported_media_type"}
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 404, 413, 422)}
+
+
+class Service(Protocol):
+    async def recommend(self, request: RecommendRequest) -> RecommendResponse: ...
+    def item(self, item_id: int) -> ItemDetails: ...
+    def item_by_asin(self, asin: str) -> ItemDetails: ...
+    async def info(self) -> InfoResponse: ...
+    async def health(self) -> HealthResponse: ...
+
+
+def error_response(status: int, error: str, message: str, fields=()) -> JSONResponse:
+    body = ErrorResponse(error=error, message=message, fields=list(fields))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = describe_validation_errors(exc.errors())
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 413:
+            message = f"request body is larger than the limit of {app.max_body_size} bytes"
+        response = error_response(exc.status_code, HTTP_ERRORS.get(exc.status_code, "http_error"), message)
+        response.headers.update(exc.headers or {})
+        return response
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not a client error: log it with its traceback, answer without internals.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", "internal error; see the replica's log")
+
+
+def build_http_app(service: Service, max_body_bytes: int) -> FastAPI:
+    app = FastAPI(
+        title="tiger-ray recommendations",
+        description="Generative retrieval (TIGER, Rajput et al. 2023) and a dual-encoder + FAISS "
+                    "baseline, served by Ray Serve with dynamic batching.",
+        version="1",
+        max_body_size=max_body_bytes,
+    )
+    install_error_handlers(app)
+
+    @app.post("/recommend", response_model=RecommendResponse, responses=ERROR_RESPONSES,
+              summary="top-k next items for a history")
+    async def recommend(body: RecommendRequest) -> RecommendResponse:
+        return await service.recommend(body)
+
+    @app.get("/items/{item_id}", response_model=ItemDetails, responses=ERROR_RESPONSES,
+             summary="one item's metadata by item id")
+    def item(item_id: int = Path(description="item id, 1..N")) -> ItemDetails:
+        return service.item(item_id)
+
+    @app.get("/items/asin/{asin}", response_model=ItemDetails, responses=ERROR_RESPONSES,
+             summary="one item's metadata by ASIN")
+    def item_by_asin(asin: str = Path(min_length=1, max_length=MAX_ASIN_LENGTH)) -> ItemDetails:
+        return service.item_by_asin(asin)
+
+    @app.get("/info", response_model=InfoResponse, summary="run, model versions, catalog size, limits")
+    async def info() -> InfoResponse:
+        return await service.info()
+
+    @app.get("/healthz", response_model=HealthResponse,
+             responses={503: {"model": ErrorResponse}}, summary="every model replica answers")
+    async def healthz() -> HealthResponse:
+        return await service.health()
+
+    return app
