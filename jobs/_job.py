@@ -34,6 +34,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != JOBS_DIR]
 sys.path.insert(0, str(REPO))
 
 STAGE_DIR_ENV = "TIGER_STAGE_DIR"
+# Commands whose processes keep reading the run after the job's command returns: `tiger serve
+# --detach` leaves replicas behind that load from it, so a temporary working copy will not do.
+KEEPS_READING_RUN = {"serve"}
 # Set by Ray's job supervisor in the entrypoint's environment: the job's runtime_env and metadata.
 RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
@@ -117,6 +120,11 @@ def main(command: str, argv: list[str] | None = None, prog: str | None = None) -
                   file=sys.stderr)
             return 2
         return cli.main(tiger_argv)
+    if command in KEEPS_READING_RUN and not job.stage_dir:
+        print(f"{prog}: error: `tiger {command}` reads the run for as long as the service is up; "
+              f"with --run {location} give --stage-dir (or ${STAGE_DIR_ENV}) on a filesystem "
+              "every node mounts", file=sys.stderr)
+        return 2
     try:
         with storage.staged_run(location, stage_dir=job.stage_dir) as local:
             code = cli.main(replace_location(tiger_argv, location, str(local)))

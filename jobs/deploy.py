@@ -1,9 +1,15 @@
-"""Ray job entrypoint for `tiger serve`. Deploy the retrieval service on Ray Serve (`tiger serve`).
+"""Ray job entrypoint of `tiger serve`: deploy the recommendation API on Ray Serve and leave it running.
 
-    ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \\
-        -- python jobs/deploy.py --run /mnt/tiger/runs/beauty
+    ray job submit --address http://127.0.0.1:8265 --working-dir . \\
+        --runtime-env jobs/runtime_env.yaml -- \\
+        python jobs/deploy.py --run /mnt/tiger/runs/beauty --preset paper --detach
 
-Same flags as `tiger serve` (see --help); --run may be a URI. See jobs/_job.py.
+The flags are those of `tiger serve` (see --help); --run may be a URI (s3://, gs://, file://).
+
+With --detach the service outlives the job (`serve shutdown` stops it); without it, the service
+lives as long as the job (`ray job stop` ends both). A --run URI needs --stage-dir (cluster.yaml
+sets $TIGER_STAGE_DIR): the replicas keep reading the working copy.
+See jobs/_job.py.
 """
 
 import sys

@@ -1,9 +1,11 @@
-"""Ray job entrypoint for `tiger embed`. Embed every item's text with a sentence encoder on a Ray Data actor pool.
+"""Ray job entrypoint of `tiger embed`: embed every item's text on a Ray Data actor pool.
 
-    ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \\
-        -- python jobs/embed.py --run s3://BUCKET/runs/beauty --preset paper
+    ray job submit --address http://127.0.0.1:8265 --working-dir . \\
+        --runtime-env jobs/runtime_env.yaml -- \\
+        python jobs/embed.py --run s3://BUCKET/runs/beauty --preset paper
 
-Same flags as `tiger embed` (see --help); --run may be a URI. See jobs/_job.py.
+The flags are those of `tiger embed` (see --help); --run may be a URI (s3://, gs://, file://).
+See jobs/_job.py.
 """
 
 import sys

@@ -1,9 +1,12 @@
-"""Ray job entrypoint for `tiger pipeline`. The whole chain: prepare -> embed -> train-rqvae -> train-seq2seq -> train-baseline -> evaluate -> compare.
+"""Ray job entrypoint of `tiger pipeline`: the whole chain, prepare to compare, resumable.
 
-    ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \\
-        -- python jobs/pipeline.py --dataset beauty --run s3://BUCKET/runs/beauty --preset paper --use-gpu
+    ray job submit --address http://127.0.0.1:8265 --working-dir . \\
+        --runtime-env jobs/runtime_env.yaml -- \\
+        python jobs/pipeline.py --dataset beauty --run s3://BUCKET/runs/beauty --preset paper \\
+           --use-gpu --no-serve-demo
 
-Same flags as `tiger pipeline` (see --help); --run may be a URI. See jobs/_job.py.
+The flags are those of `tiger pipeline` (see --help); --run may be a URI (s3://, gs://, file://).
+See jobs/_job.py.
 """
 
 import sys

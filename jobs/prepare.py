@@ -1,9 +1,11 @@
-"""Ray job entrypoint for `tiger prepare`. Read a dataset and write items.parquet, sequences.parquet, stats.json.
+"""Ray job entrypoint of `tiger prepare`: read a dataset, write items.parquet, sequences.parquet, stats.json.
 
-    ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \\
-        -- python jobs/prepare.py --dataset beauty --run s3://BUCKET/runs/beauty
+    ray job submit --address http://127.0.0.1:8265 --working-dir . \\
+        --runtime-env jobs/runtime_env.yaml -- \\
+        python jobs/prepare.py --dataset beauty --run s3://BUCKET/runs/beauty
 
-Same flags as `tiger prepare` (see --help); --run may be a URI. See jobs/_job.py.
+The flags are those of `tiger prepare` (see --help); --run may be a URI (s3://, gs://, file://).
+See jobs/_job.py.
 """
 
 import sys

@@ -14,8 +14,12 @@ import sys
 # Order is the pipeline's order; `tiger --help` lists them this way.
 COMMAND_MODULES = [
     "tiger_ray.data.cli",
+    "tiger_ray.embedding.cli",
     "tiger_ray.semantic_ids.cli",
     "tiger_ray.seq2seq.cli",
+    "tiger_ray.baseline.cli",
+    "tiger_ray.evaluation.cli",
+    "tiger_ray.evaluation.compare",
     "tiger_ray.serving.cli",
     "tiger_ray.pipeline",
 ]

@@ -35,7 +35,7 @@ INDEX_TYPES: tuple[str, ...] = ("flat", "hnsw", "ivfpq")
 # Below this many queries an OpenMP team costs more than it saves: a single query searched with
 # 2 threads on a busy 2-core machine measured 8.6 ms instead of 0.13 ms (threads spin-waiting).
 SMALL_BATCH = 32
-_omp_lock = threading.Lock()
+_omp_lock = threading.RLock()
 
 
 @contextlib.contextmanager

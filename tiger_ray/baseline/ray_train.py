@@ -154,6 +154,39 @@ def epoch_rows(num_examples: int, epoch: int, seed: int, rank: int, world: int) 
     return perm[rank * share: (rank + 1) * share]
 
 
+def train_local(run: RunDir, config: BaselineConfig, export: bool = True,
+                device: str = "cpu") -> tuple[DualEncoder, TrainingData, list[dict]]:
+    """One-process training without Ray (tests, notebooks): same epochs, same validation-based
+    selection and early stopping as the Ray loop; returns the best model, the data, the log.
+    With ``export`` it also writes RUN/baseline/model.pt (then `build_run_index` makes an index)."""
+    import copy
+
+    torch.manual_seed(config.seed)
+    data = load_training_data(run, config)
+    dev = torch.device(device)
+    model = DualEncoder(model_config(config, data), data.text).to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    log_q = log_sampling_probability(data.targets, data.num_items).to(dev)
+    best, best_state, bad, history = (-1.0, -1.0), None, 0, []
+    for epoch in range(config.epochs):
+        rows = epoch_rows(len(data.targets), epoch, config.seed, 0, 1)
+        loss = train_epoch(model, optimizer, data, rows, config, log_q, dev, progress=False)
+        metrics = evaluate_exact(model, data.valid_history, data.valid_users, data.valid_targets,
+                                 config.eval_batch_size, dev).compute()
+        history.append({"epoch": epoch + 1, "loss": loss, **{f"valid_{k}": v for k, v in metrics.items()}})
+        if (metrics["recall@10"], metrics["ndcg@10"]) > best:
+            best, best_state, bad = (metrics["recall@10"], metrics["ndcg@10"]), copy.deepcopy(model.state_dict()), 0
+        else:
+            bad += 1
+            if bad >= config.patience:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    if export:
+        export_model(run, model, data.user_ids)
+    return model, data, history
+
+
 # ---------------------------------------------------------------- Ray Train worker loop
 
 def train_loop(loop_config: dict) -> None:
@@ -180,7 +213,7 @@ def train_loop(loop_config: dict) -> None:
 
     state = distributed.load_checkpoint_state()
     if state is None:
-        state = {"epoch": -1, "best_epoch": -1, "best_recall": -1.0, "bad_epochs": 0,
+        state = {"epoch": -1, "best_epoch": -1, "best_recall": -1.0, "best_ndcg": -1.0, "bad_epochs": 0,
                  "history": [], "train_seconds": 0.0, "best_model": None, "done": False}
     else:
         model.load_state_dict(state["model"])
@@ -214,9 +247,11 @@ def train_loop(loop_config: dict) -> None:
         state["train_seconds"] += seconds
         entry = {"epoch": epoch + 1, "loss": loss, "seconds": seconds,
                  **{f"valid_{k}": v for k, v in metrics.items() if k != "count"}}
-        if metrics["recall@10"] > state["best_recall"]:
-            state.update(best_recall=metrics["recall@10"], best_epoch=epoch, bad_epochs=0,
-                         best_model=copy.deepcopy(raw.state_dict()))
+        # Model selection on validation recall@10, ties broken by ndcg@10.
+        score = (metrics["recall@10"], metrics["ndcg@10"])
+        if score > (state["best_recall"], state.get("best_ndcg", -1.0)):
+            state.update(best_recall=metrics["recall@10"], best_ndcg=metrics["ndcg@10"], best_epoch=epoch,
+                         bad_epochs=0, best_model=copy.deepcopy(raw.state_dict()))
         else:
             state["bad_epochs"] += 1
         state["history"].append(entry)

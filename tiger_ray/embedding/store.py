@@ -1,13 +1,23 @@
 """Embeddings on disk: Parquet shards plus a manifest, and readers for later stages.
 
-    RUN/embeddings/part-00000.parquet ...   item_id int64, embedding fixed_size_list<float32>[dim]
-    RUN/embeddings/manifest.json            model, dim, normalized, count, files
+    RUN/embeddings/part-<first id>-<last id>.parquet ...   item_id int64,
+                                                  embedding fixed_size_list<float32>[dim]
+    RUN/embeddings/manifest.json            model, dim, normalized, count, files (+ source, config)
 
-Small catalogs load as one numpy matrix (``load_embeddings``); large ones stream as a Ray Dataset.
+Small catalogs load as one numpy matrix (``load_embeddings``); large ones stream as a Ray Dataset
+(``read_embeddings_dataset``).
+
+Crash safety: a shard appears under its final name only once complete (write-then-rename), and
+carries in its Parquet metadata the *source key* it was made from (model, normalisation, digest of
+items.parquet). The manifest is written last, after every shard, and removed first when a run is
+about to change the shards; so a manifest always describes a complete, consistent set. Readers
+trust only the manifest; `tiger embed` trusts only shards whose key matches the run's.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +28,11 @@ import pyarrow.parquet as pq
 from tiger_ray import atomic
 from tiger_ray.runs import RunDir
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
+SHARD_GLOB = "part-*.parquet"
+SHARD_KEY = b"tiger.embedding"  # Parquet schema metadata: json of the source key + dim + count
 
 
 def embeddings_schema(dim: int) -> pa.Schema:
@@ -78,3 +92,134 @@ def load_embeddings(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
     vectors = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, manifest.dim).astype(np.float32)
     order = np.argsort(item_ids, kind="stable")
     return item_ids[order], vectors[order]
+
+
+# ------------------------------------------------------------------ shards written by `tiger embed`
+
+
+def shard_name(item_ids: np.ndarray) -> str:
+    """Named by its id range; unique within a run because shards hold disjoint item sets."""
+    return f"part-{int(np.min(item_ids)):010d}-{int(np.max(item_ids)):010d}.parquet"
+
+
+def write_shard(directory: Path, item_ids: np.ndarray, vectors: np.ndarray, key: dict) -> str:
+    """Write one shard atomically (rows sorted by item_id), tagged with ``key``; returns its file name."""
+    item_ids = np.asarray(item_ids, dtype=np.int64)
+    order = np.argsort(item_ids, kind="stable")
+    table = embeddings_table(item_ids[order], np.asarray(vectors)[order])
+    meta = {**key, "dim": int(vectors.shape[1]), "count": int(len(item_ids))}
+    table = table.replace_schema_metadata({SHARD_KEY: json.dumps(meta, sort_keys=True).encode()})
+    name = shard_name(item_ids)
+    atomic.write_parquet(Path(directory) / name, table)
+    return name
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    item_ids: np.ndarray  # int64
+    dim: int
+
+
+@dataclass(frozen=True)
+class ShardScan:
+    trusted: list[ShardInfo]  # complete shards made from the same source key, disjoint item sets
+    untrusted: list[Path]  # everything else a re-run must not keep: temp files, other keys, junk
+
+
+def _read_shard(path: Path, key: dict) -> ShardInfo | None:
+    """The shard's ids if it is a complete shard of ``key``; None if it must not be trusted."""
+    try:
+        file = pq.ParquetFile(path)
+        meta = json.loads((file.schema_arrow.metadata or {}).get(SHARD_KEY, b"null"))
+        if not isinstance(meta, dict) or {k: meta.get(k) for k in key} != key:
+            return None
+        if file.metadata.num_rows != meta["count"] or file.schema_arrow.field("embedding").type != \
+                pa.list_(pa.float32(), meta["dim"]):
+            return None
+        ids = file.read(columns=["item_id"]).column("item_id").to_numpy()
+    except Exception as err:  # truncated, not Parquet, wrong columns: all mean "do not trust"
+        log.warning("%s: unreadable shard (%s)", path, err)
+        return None
+    return ShardInfo(path.name, ids.astype(np.int64), int(meta["dim"]))
+
+
+def scan_shards(directory: Path, key: dict) -> ShardScan:
+    """Sort the files in ``directory`` into shards a re-run may keep and files it must delete."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return ShardScan([], [])
+    valid, untrusted = [], []
+    for path in sorted(directory.iterdir()):
+        if path.name.startswith(".") and ".tmp-" in path.name:
+            untrusted.append(path)  # a writer was killed before its rename
+        elif path.match(SHARD_GLOB):
+            info = _read_shard(path, key)
+            (untrusted.append(path) if info is None else valid.append(info))
+    # An actor that died after its rename may have had its batch redone into another shard: of
+    # shards sharing item ids, keep the first (by name) and drop the others.
+    all_ids = np.concatenate([i.item_ids for i in valid]) if valid else np.zeros(0, np.int64)
+    ids, counts = np.unique(all_ids, return_counts=True)
+    shared, claimed, trusted = set(ids[counts > 1].tolist()), set(), []
+    for info in valid:
+        mine = shared.intersection(info.item_ids.tolist()) if shared else set()
+        if mine & claimed:
+            untrusted.append(directory / info.name)
+        else:
+            claimed |= mine
+            trusted.append(info)
+    return ShardScan(trusted, untrusted)
+
+
+def write_manifest(directory: Path, files: list[str], model: str, dim: int, normalized: bool,
+                   count: int, **extra) -> Manifest:
+    """Write the manifest (last, atomically); ``extra`` adds fields such as the source key."""
+    manifest = Manifest(model=model, dim=int(dim), normalized=bool(normalized), count=int(count),
+                        files=sorted(files))
+    atomic.write_json(Path(directory) / MANIFEST, {**extra, **manifest.__dict__})
+    return manifest
+
+
+def read_manifest_json(directory: Path) -> dict | None:
+    """The manifest's full JSON (with the extra fields), or None if absent or unreadable."""
+    try:
+        return atomic.read_json(Path(directory) / MANIFEST)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _check_files(directory: Path, manifest: Manifest) -> list[str]:
+    paths = [directory / f for f in manifest.files]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{directory / MANIFEST} lists shards that do not exist: {missing[:3]}; "
+                                "re-run `tiger embed`")
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+    if rows != manifest.count:
+        raise ValueError(f"{directory}: manifest says {manifest.count} embeddings, shards hold {rows}")
+    return [str(p) for p in paths]
+
+
+def _as_tensor_batch(batch: pa.Table) -> dict:
+    # fixed_size_list -> [rows, dim] ndarray: numpy batches get a 2-D float32 array, not objects.
+    column = batch.column("embedding").combine_chunks()
+    dim = column.type.list_size
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    return {"item_id": batch.column("item_id").to_numpy(), "embedding": flat.reshape(-1, dim)}
+
+
+def read_embeddings_dataset(run: RunDir):
+    """RUN/embeddings as a streaming Ray Dataset of item_id int64 and embedding float32 [dim].
+
+    Batches in numpy format give ``embedding`` as a [rows, dim] array (torch batches a tensor).
+    Rows come in no particular order. Starts a loopback-only Ray if none is running.
+    """
+    import ray.data
+
+    from tiger_ray.ray_env import init_ray
+
+    directory = run.require(run.embeddings / MANIFEST, "tiger embed").parent
+    paths = _check_files(directory, Manifest.read(directory))
+    init_ray()
+    return ray.data.read_parquet(paths).map_batches(_as_tensor_batch, batch_format="pyarrow",
+                                                    batch_size=None)

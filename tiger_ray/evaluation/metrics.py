@@ -121,3 +121,16 @@ PAPER_TABLE1 = {
     "toys": {"TIGER": (0.0521, 0.0371, 0.0712, 0.0432), "SASRec": (0.0463, 0.0306, 0.0675, 0.0374)},
 }
 PAPER_KEYS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
+
+
+def category_entropy(categories: np.ndarray) -> np.ndarray:
+    """Entropy (nats) of each ranked list's category distribution: [B, K] category ids of the
+    top-K items (-1 = empty slot, ignored) -> [B]. The paper's Entropy@K (Sec. 4.4) averages it."""
+    categories = np.asarray(categories)
+    out = np.zeros(len(categories), dtype=np.float64)
+    for i, row in enumerate(categories):
+        _, counts = np.unique(row[row >= 0], return_counts=True)
+        if len(counts):
+            p = counts / counts.sum()
+            out[i] = float(-(p * np.log(p)).sum())
+    return out

@@ -17,17 +17,9 @@ import numpy as np
 from tiger_ray.runs import RunDir
 from tiger_ray.semantic_ids.collisions import collision_stats, collision_tokens
 from tiger_ray.semantic_ids.config import RQVAEConfig
-from tiger_ray.semantic_ids.table import read_semantic_ids, write_semantic_ids
+from tiger_ray.semantic_ids.table import check_one_to_one, read_semantic_ids, write_semantic_ids
 
 log = logging.getLogger(__name__)
-
-
-def embedding_matrix(column) -> np.ndarray:
-    """[B, dim] float32 from a batch column (2-D array, or an object array of 1-D arrays)."""
-    column = np.asarray(column)
-    if column.dtype == object:
-        column = np.stack(column)
-    return np.ascontiguousarray(column, dtype=np.float32)
 
 
 class CodeAssigner:
@@ -42,7 +34,7 @@ class CodeAssigner:
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        x = embedding_matrix(batch["embedding"])
+        x = np.ascontiguousarray(batch["embedding"], dtype=np.float32)
         codes, err = self.model.encode(torch.from_numpy(x).to(self.device))
         codes, err = codes.cpu().numpy(), err.cpu().numpy()
         out = {"item_id": np.asarray(batch["item_id"], dtype=np.int64),
@@ -68,32 +60,35 @@ class Assignment:
 
 
 def predict_codes(run: RunDir, model_path: Path, config: RQVAEConfig) -> dict[str, np.ndarray]:
-    """Stream the catalog through the model; columns sorted by item_id."""
-    from tiger_ray.semantic_ids.ray_train import embeddings_dataset
+    """Stream the catalog through the model; columns in the order Ray Data returned them."""
+    from ray.data import ActorPoolStrategy
+
+    from tiger_ray.embedding.store import read_embeddings_dataset
 
     resources = {"num_gpus": 1} if config.use_gpu else {"num_cpus": 1}
-    ds = embeddings_dataset(run).map_batches(
+    ds = read_embeddings_dataset(run).map_batches(
         CodeAssigner, fn_constructor_kwargs={"model_path": str(model_path),
                                              "device": "cuda" if config.use_gpu else "cpu"},
         batch_size=config.assign_batch_size, batch_format="numpy",
-        concurrency=config.assign_concurrency, **resources)
+        compute=ActorPoolStrategy(size=config.assign_concurrency), **resources)
     parts: dict[str, list[np.ndarray]] = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for key, value in batch.items():
             parts.setdefault(key, []).append(np.asarray(value))
     if not parts:
         raise ValueError(f"{run.embeddings}: no embeddings to assign")
-    columns = {key: np.concatenate(values) for key, values in parts.items()}
-    order = np.argsort(columns["item_id"], kind="stable")  # Ray Data may reorder blocks
-    return {key: value[order] for key, value in columns.items()}
+    return {key: np.concatenate(values) for key, values in parts.items()}
 
 
-def assign_semantic_ids(run: RunDir, config: RQVAEConfig, model_path: Path | None = None) -> Assignment:
-    """Codes for every item, collision tokens, and the checked semantic_ids.parquet."""
+def compute_semantic_ids(run: RunDir, config: RQVAEConfig, model_path: Path | None = None) -> Assignment:
+    """Codes for every item and their collision tokens, checked one-to-one (nothing written)."""
     from tiger_ray.embedding.store import MANIFEST, Manifest
 
     model_path = model_path or run.require(run.semantic_ids / "model.pt", "tiger train-rqvae")
     columns = predict_codes(run, model_path, config)
+    # Ray Data may return blocks in any order; item_id order makes the collision tokens deterministic.
+    order = np.argsort(columns["item_id"], kind="stable")
+    columns = {key: value[order] for key, value in columns.items()}
     manifest = Manifest.read(run.embeddings)
     item_ids = columns["item_id"]
     if len(item_ids) != manifest.count:
@@ -106,8 +101,15 @@ def assign_semantic_ids(run: RunDir, config: RQVAEConfig, model_path: Path | Non
              stats["largest_collision_group"])
     c3 = collision_tokens(prefixes, config.max_collision_token, item_ids)
     codes = np.column_stack([prefixes, c3])
-    write_semantic_ids(run, item_ids, codes)
-    table = read_semantic_ids(run, codebook_size=config.codebook_size)  # the reader's checks too
-    return Assignment(item_ids=table.item_ids, codes=table.codes, recon_error=columns["recon_error"],
+    check_one_to_one(item_ids, codes, f"Semantic IDs of {run.embeddings}")
+    return Assignment(item_ids=item_ids, codes=codes, recon_error=columns["recon_error"],
                       input_sq_norm=columns["input_sq_norm"], codebook_size=config.codebook_size,
                       max_collision_token=config.max_collision_token)
+
+
+def assign_semantic_ids(run: RunDir, config: RQVAEConfig, model_path: Path | None = None) -> Assignment:
+    """``compute_semantic_ids``, then semantic_ids.parquet written and read back (both checked)."""
+    assignment = compute_semantic_ids(run, config, model_path)
+    write_semantic_ids(run, assignment.item_ids, assignment.codes)
+    read_semantic_ids(run, codebook_size=config.codebook_size)
+    return assignment

@@ -6,8 +6,9 @@
          ``checkpoint_every`` epochs; a re-run resumes from the latest one (``--fresh`` starts
          over); a crashed worker restarts from it (``max_failures``).
       2. RUN/semantic_ids/model.pt + config.json + metrics.jsonl (one line per epoch).
-      3. Assignment (``assign.py``, Ray Data batch inference) -> semantic_ids.parquet.
+      3. Assignment (``assign.py``, Ray Data batch inference) -> codes + collision tokens.
       4. Report (``report.py``) -> report.json, report.png, learning_curve.png.
+      5. semantic_ids.parquet, written last: its presence means the stage completed.
 """
 
 from __future__ import annotations
@@ -31,17 +32,6 @@ TRAIN_NAME = "rqvae"  # Ray Train run name under RUN/semantic_ids/train/
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
-
-
-def embeddings_dataset(run: RunDir):
-    """RUN/embeddings as a streaming Ray Dataset of (item_id, embedding[dim])."""
-    import ray.data
-
-    from tiger_ray.embedding.store import MANIFEST, Manifest
-
-    directory = run.require(run.embeddings / MANIFEST, "tiger embed").parent
-    manifest = Manifest.read(directory)
-    return ray.data.read_parquet([str(directory / f) for f in manifest.files])
 
 
 # ---------------------------------------------------------------- worker side
@@ -94,6 +84,7 @@ def _worker_logging() -> None:
     """Ray workers start with the root logger at WARNING; show this stage's INFO lines."""
     logger = logging.getLogger("tiger_ray")
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # the root logger of a Ray worker would print each line twice
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -122,6 +113,7 @@ def train_loop(loop_config: dict) -> None:
         history = [m for m in state["history"] if m["epoch"] <= core.epoch]
         if main:
             log.info("resuming from the checkpoint of epoch %d/%d", core.epoch, config.epochs)
+    started_at = core.epoch  # 0 for a fresh run; recorded so callers can tell a resume
     # DDP after loading, so every rank wraps identical weights; the optimiser holds the same
     # parameter objects, which DDP does not replace.
     core.net = ray.train.torch.prepare_model(model)
@@ -129,7 +121,8 @@ def train_loop(loop_config: dict) -> None:
                          cache=config.cache_shard, seed=config.seed, rank=rank)
     if core.epoch >= config.epochs:
         # Already trained (a re-run): hand the final state back so the driver can export it.
-        distributed.report(history[-1] if history else {"epoch": core.epoch}, _state(core, history))
+        distributed.report(history[-1] if history else {"epoch": core.epoch},
+                           _state(core, history, state.get("started_at", 0) if state else 0))
         return
     while core.epoch < config.epochs:
         metrics = core.run_epoch(shard.train(core.epoch), shard.eval())
@@ -137,13 +130,13 @@ def train_loop(loop_config: dict) -> None:
         if main:
             log.info(format_metrics(metrics, config))
         save = core.epoch % config.checkpoint_every == 0 or core.epoch == config.epochs
-        distributed.report(metrics, _state(core, history) if save else None)
+        distributed.report(metrics, _state(core, history, started_at) if save else None)
 
 
-def _state(core, history: list[dict]) -> dict:
+def _state(core, history: list[dict], started_at: int) -> dict:
     # The metric history rides in the checkpoint: it survives restarts and resumes, and the
     # driver can write metrics.jsonl even when rank 0 ran on another node.
-    return {**core.state_dict(), "history": history}
+    return {**core.state_dict(), "history": history, "started_at": started_at}
 
 
 # ---------------------------------------------------------------- driver side
@@ -151,7 +144,7 @@ def _state(core, history: list[dict]) -> dict:
 
 def train_rqvae(run: RunDir, config: RQVAEConfig) -> dict:
     """Fit on Ray Train; returns the final checkpoint state (model, optimizer, epoch, history)."""
-    from tiger_ray.embedding.store import MANIFEST, Manifest
+    from tiger_ray.embedding.store import MANIFEST, Manifest, read_embeddings_dataset
 
     manifest = Manifest.read(run.require(run.embeddings / MANIFEST, "tiger embed").parent)
     if manifest.count < 1:
@@ -161,7 +154,7 @@ def train_rqvae(run: RunDir, config: RQVAEConfig) -> dict:
     result = distributed.fit(
         train_loop, {"config": asdict(config), "input_dim": manifest.dim}, name=TRAIN_NAME,
         storage_dir=run.semantic_ids / "train", resources=resources, max_failures=config.max_failures,
-        datasets={"train": embeddings_dataset(run)}, fresh=config.fresh)
+        datasets={"train": read_embeddings_dataset(run)}, fresh=config.fresh)
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:
@@ -202,8 +195,9 @@ def run_train_rqvae(run: RunDir, config: RQVAEConfig) -> dict:
     """The `tiger train-rqvae` stage: train, export, assign Semantic IDs, report. Returns the summary."""
     from tiger_ray.embedding.store import MANIFEST, Manifest
     from tiger_ray.ray_env import ray_session
-    from tiger_ray.semantic_ids.assign import assign_semantic_ids
+    from tiger_ray.semantic_ids.assign import compute_semantic_ids
     from tiger_ray.semantic_ids.report import write_report
+    from tiger_ray.semantic_ids.table import read_semantic_ids, write_semantic_ids
 
     if config.num_levels != len(CODE_COLUMNS) - 1:
         raise ValueError(f"num_levels must be {len(CODE_COLUMNS) - 1}: Semantic IDs are "
@@ -216,15 +210,19 @@ def run_train_rqvae(run: RunDir, config: RQVAEConfig) -> dict:
         train_seconds = time.perf_counter() - start
         export_model(run, config, state, manifest.dim)
         start = time.perf_counter()
-        assignment = assign_semantic_ids(run, config)
+        assignment = compute_semantic_ids(run, config)
         assign_seconds = time.perf_counter() - start
     history = state["history"]
     report = write_report(run, assignment, history, config, extra={
         "workers": config.workers, "use_gpu": config.use_gpu,
         "train_seconds": round(train_seconds, 2), "assign_seconds": round(assign_seconds, 2)})
+    # The table last: its presence marks the stage complete (`tiger pipeline` skips it then).
+    write_semantic_ids(run, assignment.item_ids, assignment.codes)
+    read_semantic_ids(run, codebook_size=config.codebook_size)  # and the reader's checks pass
     final = history[-1] if history else {}
     summary = {
         "items": report["items"], "epochs": int(state["epoch"]), "workers": config.workers,
+        "resumed_from_epoch": int(state.get("started_at", 0)),
         "final_loss": final.get("loss"), "final_recon_loss": final.get("recon_loss"),
         "unique_ids": report["unique_ids"], "usage": report["usage"],
         "largest_collision_group": report["collisions"]["largest_collision_group"],

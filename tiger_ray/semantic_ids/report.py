@@ -113,8 +113,9 @@ def plot_learning_curves(path, history: list[dict], num_levels: int) -> None:
     epochs = [m["epoch"] for m in history]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     ax = axes[0]
-    for key in ("loss", "recon_loss", "codebook_loss", "commitment_loss"):
-        ax.plot(epochs, [m[key] for m in history], label=key)
+    for key in ("loss", "recon_loss", "quant_loss", "recon_error"):
+        label = "recon_error (end of epoch)" if key == "recon_error" else key
+        ax.plot(epochs, [m[key] for m in history], label=label)
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_title("training losses")
@@ -128,11 +129,10 @@ def plot_learning_curves(path, history: list[dict], num_levels: int) -> None:
     ax.set_title("codebook usage (end of epoch)")
     ax.legend()
     ax = axes[2]
-    ax.plot(epochs, [m["unique_rate"] for m in history], label="unique 3-code prefixes")
-    ax.plot(epochs, [m["recon_error"] for m in history], label="reconstruction error")
+    ax.plot(epochs, [m["unique_rate"] for m in history])
     ax.set_xlabel("epoch")
+    ax.set_ylabel("distinct 3-code prefixes / items")
     ax.set_title("unique-ID rate before the collision token")
-    ax.legend()
     fig.tight_layout()
     with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)

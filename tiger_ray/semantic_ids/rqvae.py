@@ -42,10 +42,11 @@ def mlp(dims: list[int]) -> nn.Sequential:
 class RQVAEOutput:
     x_hat: torch.Tensor  # [B, input_dim] reconstruction
     codes: torch.Tensor  # [B, num_levels] int64
-    loss: torch.Tensor  # scalar: recon + codebook + beta * commitment
+    loss: torch.Tensor  # scalar: recon + (1 + beta) * quant
     recon_loss: torch.Tensor  # mean over the batch of ||x - x_hat||^2
-    codebook_loss: torch.Tensor  # sum over levels of ||sg[r] - e||^2 (moves codewords)
-    commitment_loss: torch.Tensor  # sum over levels of ||r - sg[e]||^2 (moves the encoder), unweighted
+    # sum over levels of ||r_l - e_l||^2: the value of both the codebook term ||sg[r] - e||^2 (which
+    # moves codewords) and the commitment term ||r - sg[e]||^2 (which moves the encoder)
+    quant_loss: torch.Tensor
 
 
 class RQVAE(nn.Module):
@@ -65,7 +66,7 @@ class RQVAE(nn.Module):
     # -- quantisation
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(z_hat, codes [B, L], codebook_loss, commitment_loss) for latents z [B, D]."""
+        """(z_hat, codes [B, L], codebook loss, commitment loss (unweighted)) for latents z [B, D]."""
         residual = z
         z_hat = torch.zeros_like(z)
         codes, codebook_loss, commitment_loss = [], z.new_zeros(()), z.new_zeros(())
@@ -87,7 +88,7 @@ class RQVAE(nn.Module):
         x_hat = self.decoder(z + (z_hat - z).detach())
         recon_loss = (x - x_hat).pow(2).sum(1).mean()
         loss = recon_loss + codebook_loss + self.config.beta * commitment_loss
-        return RQVAEOutput(x_hat, codes, loss, recon_loss, codebook_loss, commitment_loss)
+        return RQVAEOutput(x_hat, codes, loss, recon_loss, codebook_loss.detach())
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -106,7 +106,7 @@ class RQVAETrainer:
         self.epoch = 0  # epochs completed
         # epochs in a row each code went unused by every item (all ranks)
         self.unused_epochs = torch.zeros(config.num_levels, config.codebook_size, dtype=torch.long)
-        # recent training inputs of this rank: material for re-seeding dead codes
+        # the latest training inputs of this rank: material for re-seeding dead codes
         self._pool: deque[torch.Tensor] = deque()
         self._pool_rows = 0
 
@@ -142,10 +142,14 @@ class RQVAETrainer:
 
     def train_epoch(self, batches: Iterable[torch.Tensor]) -> dict[str, float]:
         self.net.train()
+        # Re-seeding material comes from this epoch only, so a resumed run re-seeds exactly as
+        # the uninterrupted one would.
+        self._pool.clear()
+        self._pool_rows = 0
         batches = iter(batches)
         if not int(self.model.initialized):
             batches = self._kmeans_init(batches)
-        sums = torch.zeros(5, dtype=torch.float64)  # loss, recon, codebook, commitment, rows
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, recon, quant, rows
         for x in batches:
             x = x.to(self.device, torch.float32, non_blocking=True)
             out = self.net(x)
@@ -153,13 +157,13 @@ class RQVAETrainer:
             out.loss.backward()
             self.optimizer.step()
             n = x.shape[0]
-            sums += torch.tensor([out.loss.item() * n, out.recon_loss.item() * n, out.codebook_loss.item() * n,
-                                  out.commitment_loss.item() * n, n], dtype=torch.float64)
+            sums += torch.tensor([out.loss.item() * n, out.recon_loss.item() * n, out.quant_loss.item() * n, n],
+                                 dtype=torch.float64)
             self._remember(x)
         sums = all_reduce_sum_(sums.to(self.device)).cpu()
-        rows = max(float(sums[4]), 1.0)
+        rows = max(float(sums[3]), 1.0)
         return {"loss": float(sums[0]) / rows, "recon_loss": float(sums[1]) / rows,
-                "codebook_loss": float(sums[2]) / rows, "commitment_loss": float(sums[3]) / rows}
+                "quant_loss": float(sums[2]) / rows}
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[torch.Tensor]) -> tuple[dict[str, float], torch.Tensor]:
@@ -255,8 +259,8 @@ def format_metrics(metrics: dict[str, float], config: RQVAEConfig) -> str:
     ppl = "/".join(f"{metrics[f'perplexity_l{l}']:.0f}" for l in levels)
     moved = sum(int(metrics.get(f"reseeded_l{l}", 0)) for l in levels)
     return (f"epoch {int(metrics['epoch'])}/{config.epochs} loss {metrics['loss']:.4f} "
-            f"(recon {metrics['recon_loss']:.4f} codebook {metrics['codebook_loss']:.4f} "
-            f"commit {metrics['commitment_loss']:.4f}) usage {usage} perplexity {ppl} "
+            f"(recon {metrics['recon_loss']:.4f} quant {metrics['quant_loss']:.4f}) "
+            f"usage {usage} perplexity {ppl} "
             f"unique {metrics['unique_rate']:.4f} reseeded {moved} ({metrics['seconds']:.2f}s)")
 
 

@@ -12,10 +12,13 @@ The encoder and the cross-attention keys/values run once per user; beams only ad
 self-attention prefix, reordered to the surviving beams' parents. Step 0 has one beam per user,
 so nothing is expanded before the first branching.
 
-``temperature > 0`` switches to sampling without replacement from the temperature-scaled,
-trie-constrained distribution (Stochastic Beam Search, Kool et al. 2019: Gumbel-top-k on the
-sequence tree), the diverse decoding of the paper's Entropy@K experiment. The sampled items are
-returned ordered by their (temperature-scaled) log-probability.
+``temperature > 0`` switches to sampling without replacement (Stochastic Beam Search, Kool et al.
+2019: Gumbel-top-k on the sequence tree), the diverse decoding of the paper's Entropy@K
+experiment. Each step samples from the temperature-scaled distribution renormalised over the
+allowed codes (constrained sampling: masked logits, then softmax), and the sampled items are
+returned ordered by their log-probability under that distribution. ``renormalize=True`` gives the
+deterministic search the same per-step renormalisation (its T -> 0 limit); by default beam search
+ranks by the model's own joint probability, which does not favour prefixes with few items.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def _gumbel_keys(phi: torch.Tensor, parent_keys: torch.Tensor, generator) -> tor
 @torch.no_grad()
 def beam_search(model: TigerSeq2Seq, trie: SemanticIdTrie, token_offsets, source: torch.Tensor,
                 source_pad: torch.Tensor, beam_size: int = 20, temperature: float = 0.0,
-                generator: torch.Generator | None = None) -> BeamResult:
+                generator: torch.Generator | None = None, renormalize: bool = False) -> BeamResult:
     """Top ``beam_size`` item IDs per source row under the trie constraint.
 
     token_offsets[p]: vocabulary id of code 0 at position p (``SemanticIdTokenizer.offsets``).
@@ -88,8 +91,10 @@ def beam_search(model: TigerSeq2Seq, trie: SemanticIdTrie, token_offsets, source
         logits = logits.float()
         if sampling:
             logits = logits / temperature
-        logp = torch.log_softmax(logits, dim=-1)  # over this position's code range
         allowed = trie.allowed_mask(nodes.flatten(), level).view(B, K, size)
+        if sampling or renormalize:  # softmax over the allowed codes only
+            logits = logits.masked_fill(~allowed, -torch.inf)
+        logp = torch.log_softmax(logits, dim=-1)  # over this position's code range
         phi = torch.where(allowed, scores[..., None] + logp, -torch.inf)  # [B, K, size]
         cand = _gumbel_keys(phi, keys, generator) if sampling else phi
         width = min(beam_size, K * size)

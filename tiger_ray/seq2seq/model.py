@@ -261,8 +261,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_model(directory: str | Path, model: nn.Module, config: Seq2SeqConfig,
-               tokenizer: SemanticIdTokenizer, extra: dict | None = None) -> Path:
-    """Write a self-contained model directory; config.json goes last, so it marks completeness."""
+               tokenizer: SemanticIdTokenizer, extra: dict | None = None,
+               cold_items: np.ndarray | None = None) -> Path:
+    """Write a self-contained model directory; config.json goes last, so it marks completeness.
+    ``cold_items``: items held out of training for the cold-start evaluation (see cold_start.py)."""
     import pyarrow as pa
 
     directory = Path(directory)
@@ -273,6 +275,10 @@ def save_model(directory: str | Path, model: nn.Module, config: Seq2SeqConfig,
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     with atomic.atomic_path(directory / MODEL_FILE) as tmp:
         torch.save(state, tmp)
+    if cold_items is not None:
+        from tiger_ray.seq2seq.cold_start import save_cold_items
+
+        save_cold_items(directory, cold_items)
     atomic.write_json(directory / CONFIG_FILE, {
         "model": dataclasses.asdict(config),
         "tokenizer": tokenizer.state(),

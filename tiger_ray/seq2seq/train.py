@@ -130,16 +130,6 @@ def validation_set(sequences: Sequences, max_history: int, num_users: int = 0,
                          targets=ex.targets[index])
 
 
-def recommend_top_k(model: TigerSeq2Seq, tokenizer: SemanticIdTokenizer,
-                    histories: list[np.ndarray], user_ids: np.ndarray, k: int,
-                    beam_size: int) -> np.ndarray:
-    """[B, k] item ids by trie-constrained beam search over the in-memory model (-1 = empty)."""
-    from tiger_ray.seq2seq.retriever import TigerRetriever
-
-    retriever = TigerRetriever(model, tokenizer, beam_size=beam_size)
-    return retriever.recommend(histories, user_ids, k).item_ids
-
-
 # ---------------------------------------------------------------- the trainer
 
 @dataclass
@@ -196,6 +186,7 @@ class Seq2SeqTrainer:
         self._last_eval_seconds = 0.0
         self._reported: tuple | None = None
         self.bar = None
+        self._retriever = None
 
     @property
     def is_main(self) -> bool:
@@ -258,15 +249,21 @@ class Seq2SeqTrainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Recall/NDCG@5/10 on this rank's share of the validation users, summed over ranks."""
+        from tiger_ray.seq2seq.retriever import TigerRetriever
+
         self.model.eval()
+        if self._retriever is None:  # shares the live model's weights; the trie is built once
+            self._retriever = TigerRetriever(self.model, self.tokenizer,
+                                             beam_size=self.config.val_beam_size,
+                                             device=self.device, chunk_size=self.config.val_batch_size)
         metrics = MetricCollection.default((5, 10))
         mine = np.arange(self.rank, len(self.valid), self.world_size)
         bs = self.config.val_batch_size
         for lo in range(0, len(mine), bs):
             rows = mine[lo:lo + bs]
-            ranked = recommend_top_k(self.model, self.tokenizer, [self.valid.history(i) for i in rows],
-                                     self.valid.user_ids[rows], 10, self.config.val_beam_size)
-            metrics.update(ranked[:, :10], self.valid.targets[rows])
+            recs = self._retriever.recommend([self.valid.history(i) for i in rows],
+                                             self.valid.user_ids[rows], 10)
+            metrics.update(recs.item_ids, self.valid.targets[rows])
         self.model.train()
         totals = self._all_sum([m.total for m in metrics.metrics] + [metrics.count])
         count = totals[-1]

@@ -18,16 +18,17 @@ from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tiger_ray.serving.schema import (
     MAX_ASIN_LENGTH,
+    ApiError,
     ErrorResponse,
     HealthResponse,
     InfoResponse,
     ItemDetails,
     RecommendRequest,
     RecommendResponse,
-    RequestError,
     describe_validation_errors,
 )
 
@@ -51,21 +52,58 @@ def error_response(status: int, error: str, message: str, fields=()) -> JSONResp
     return JSONResponse(body.model_dump(), status_code=status)
 
 
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body is larger than the limit of {limit} bytes")
+
+
+class BodySizeLimit:
+    """Refuse request bodies over ``max_bytes`` with a JSON 413, before they are parsed.
+
+    A declared Content-Length over the limit is refused without reading the body; a chunked
+    body is counted as it arrives. (Starlette's own limiter answers in plain text.)
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            error = BodyTooLarge(self.max_bytes)
+            response = error_response(413, HTTP_ERRORS[413], error.detail)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # An HTTPException: FastAPI re-raises it from body parsing to our handler.
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         err = describe_validation_errors(exc.errors())
         return JSONResponse(err.body(), status_code=err.status)
 
-    @app.exception_handler(RequestError)
-    async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        if exc.status_code == 413:
-            message = f"request body is larger than the limit of {app.max_body_size} bytes"
         response = error_response(exc.status_code, HTTP_ERRORS.get(exc.status_code, "http_error"), message)
         response.headers.update(exc.headers or {})
         return response
@@ -83,9 +121,9 @@ def build_http_app(service: Service, max_body_bytes: int) -> FastAPI:
         description="Generative retrieval (TIGER, Rajput et al. 2023) and a dual-encoder + FAISS "
                     "baseline, served by Ray Serve with dynamic batching.",
         version="1",
-        max_body_size=max_body_bytes,
     )
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
 
     @app.post("/recommend", response_model=RecommendResponse, responses=ERROR_RESPONSES,
               summary="top-k next items for a history")

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from tiger_ray.data.schema import read_items
 from tiger_ray.runs import RunDir
-from tiger_ray.serving.schema import RequestError
+from tiger_ray.serving.schema import ApiError
 
 DETAIL_COLUMNS = ["item_id", "asin", "title", "brand", "categories", "price"]
 
@@ -54,11 +54,12 @@ class Catalog:
             return np.zeros(len(asins), dtype=np.int64)
         keys = np.array([a.encode("utf-8") for a in asins], dtype=np.bytes_)
         pos = np.searchsorted(self._sorted_asins, keys).clip(max=len(self._sorted_asins) - 1)
-        found = self._sorted_asins[pos] == keys
+        # numpy byte strings drop trailing NULs, so "B0A\0" would otherwise match "B0A".
+        found = (self._sorted_asins[pos] == keys) & np.array(["\0" not in a for a in asins])
         return np.where(found, self._sorted_ids[pos], 0).astype(np.int64)
 
     def resolve_history(self, history: list[int | str], field: str = "history") -> np.ndarray:
-        """Request history (ids and/or ASINs) -> int64 item ids; RequestError naming every unknown one."""
+        """Request history (ids and/or ASINs) -> int64 item ids; ApiError naming every unknown one."""
         ids = np.zeros(len(history), dtype=np.int64)
         asin_positions = [i for i, v in enumerate(history) if isinstance(v, str)]
         unknown: list[tuple[str, str]] = []
@@ -79,7 +80,7 @@ class Catalog:
                     unknown.append((f"{field}[{i}]", f"unknown ASIN {history[i]!r}"))
         if unknown:
             unknown.sort(key=lambda f: int(f[0][len(field) + 1:-1]))
-            raise RequestError(422, unknown, error="unknown_items")
+            raise ApiError(422, unknown, error="unknown_items")
         return ids
 
     def items(self, item_ids: np.ndarray) -> list[dict]:

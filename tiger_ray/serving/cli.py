@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from tiger_ray.config import add_config_args, build_config
@@ -70,12 +69,14 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"serving {run.root} ({', '.join(config.models)}) at {url}  (API docs: {url}/docs)",
               flush=True)
         if args.demo:
+            from tiger_ray.serving.demo import show_demo_request
+
             show_demo_request(run, url, config.models[0])
         if args.detach:
             print("detached: the service keeps running on the cluster; `serve shutdown` stops it")
             return 0
         if args.blocking:
-            _wait_for_signal()
+            wait_for_signal()
     finally:
         if not args.detach:
             stop()
@@ -86,44 +87,19 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_for_signal() -> None:
+def wait_for_signal() -> None:
+    """Block until Ctrl-C or SIGTERM (the previous SIGTERM handler is restored afterwards)."""
     import signal
     import threading
 
     done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    previous = signal.signal(signal.SIGTERM, lambda *_: done.set())
     print("press Ctrl-C to stop", flush=True)
     try:
-        while not done.wait(1.0):
+        while not done.wait(0.5):
             pass
     except KeyboardInterrupt:
         pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print("shutting down", flush=True)
-
-
-def demo_request(run, max_items: int = 20) -> tuple[dict, int]:
-    """A real request from the run: the first test-split user's history as ASINs, and the target."""
-    import numpy as np
-
-    from tiger_ray.data.schema import read_items, read_sequences
-    from tiger_ray.data.split import eval_example
-
-    sequences = read_sequences(run.require(run.sequences, "tiger prepare"))
-    history, target = eval_example(sequences[0], "test")
-    asins = read_items(run.items, columns=["asin"]).column("asin").to_numpy(zero_copy_only=False)
-    recent = np.asarray(history)[-max_items:]
-    body = {"history": [str(asins[i - 1]) for i in recent], "user_id": int(sequences.user_ids[0]), "k": 10}
-    return body, target
-
-
-def show_demo_request(run, url: str, model: str) -> None:
-    from tiger_ray.serving.client import TigerClient
-
-    body, target = demo_request(run)
-    body["model"] = model
-    with TigerClient(url) as client:
-        response = client.recommend(**body)
-    print(f"$ curl -s -X POST {url}/recommend -H 'Content-Type: application/json' -d '{json.dumps(body)}'")
-    print(json.dumps(response, indent=2))
-    hit = [item["rank"] for item in response["items"] if item["item_id"] == target]
-    print(f"held-out next item {target}: " + (f"rank {hit[0]}" if hit else "not in the top 10"))

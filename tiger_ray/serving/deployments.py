@@ -25,6 +25,7 @@ from tiger_ray.serving.models import Answer, Query, load_served_model
 from tiger_ray.serving.schema import (
     MAX_HISTORY,
     MAX_K,
+    ApiError,
     HealthResponse,
     InfoResponse,
     ItemDetails,
@@ -32,7 +33,6 @@ from tiger_ray.serving.schema import (
     RankedItem,
     RecommendRequest,
     RecommendResponse,
-    RequestError,
 )
 
 log = logging.getLogger(__name__)
@@ -94,13 +94,13 @@ class RecommenderApi:
     async def recommend(self, body: RecommendRequest) -> RecommendResponse:
         handle = self.models.get(body.model)
         if handle is None:
-            raise RequestError(422, [("model", f"{body.model!r} is not served here; served: "
+            raise ApiError(422, [("model", f"{body.model!r} is not served here; served: "
                                                f"{', '.join(self.models)}")], error="model_not_served")
         history = self.catalog.resolve_history(body.history)
         query = Query(history=history, user_id=body.user_id or 0, k=body.k, temperature=body.temperature)
         answer: Answer = await handle.recommend.remote(query)
         if answer.error:
-            raise RequestError(422, [(answer.error_field, answer.error)], error="rejected_by_model")
+            raise ApiError(422, [(answer.error_field, answer.error)], error="rejected_by_model")
         described = await self._describe(body.model)
         items = [RankedItem(rank=rank, score=score, **meta) for rank, (meta, score) in
                  enumerate(zip(self.catalog.items(answer.item_ids), answer.scores), start=1)]
@@ -112,14 +112,14 @@ class RecommenderApi:
     def item(self, item_id: int) -> ItemDetails:
         details = self.catalog.details(item_id)
         if details is None:
-            raise RequestError(404, [("item_id", f"unknown item id {item_id} (the catalog has ids "
+            raise ApiError(404, [("item_id", f"unknown item id {item_id} (the catalog has ids "
                                                  f"1..{self.catalog.size})")], error="not_found")
         return ItemDetails(**details)
 
     def item_by_asin(self, asin: str) -> ItemDetails:
         item_id = int(self.catalog.ids_of_asins([asin])[0])
         if not item_id:
-            raise RequestError(404, [("asin", f"unknown ASIN {asin!r}")], error="not_found")
+            raise ApiError(404, [("asin", f"unknown ASIN {asin!r}")], error="not_found")
         return self.item(item_id)
 
     async def info(self) -> InfoResponse:
@@ -141,7 +141,7 @@ class RecommenderApi:
             await asyncio.wait_for(asyncio.gather(*(h.describe.remote() for h in self.models.values())),
                                    timeout=HEALTH_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001 - any failure means "not healthy"
-            raise RequestError(503, [("models", f"a model replica did not answer: {err!r}")],
+            raise ApiError(503, [("models", f"a model replica did not answer: {err!r}")],
                                error="unavailable") from err
         return HealthResponse(status="ok", models=list(self.models))
 

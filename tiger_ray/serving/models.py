@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import inspect
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,11 +84,16 @@ def history_window(retriever: Retriever) -> int | None:
     return None
 
 
-def accepts_temperature(retriever: Retriever) -> bool:
+def temperature_mode(retriever: Retriever) -> str | None:
+    """How a retriever takes a per-request temperature: "argument" (``recommend(...,
+    temperature=)``), "attribute" (a ``temperature`` setting read at decoding time, as
+    ``TigerRetriever`` has), or None (it has no temperature)."""
     try:
-        return "temperature" in inspect.signature(retriever.recommend).parameters
+        if "temperature" in inspect.signature(retriever.recommend).parameters:
+            return "argument"
     except (TypeError, ValueError):
-        return False
+        pass
+    return "attribute" if isinstance(getattr(retriever, "temperature", None), (int, float)) else None
 
 
 class ServedModel:
@@ -98,15 +104,22 @@ class ServedModel:
         self.version = version
         self.options = dict(options or {})
         self.window = history_window(retriever)
-        self.supports_temperature = accepts_temperature(retriever)
+        self.temperature_mode = temperature_mode(retriever)
+        self.supports_temperature = self.temperature_mode is not None
+        self._lock = threading.Lock()  # one batch at a time: a temperature setting is shared state
 
     def describe(self) -> dict:
+        # The options it was loaded with, and the decoding settings in effect (e.g. beam size).
+        effective = {key: getattr(self.retriever, key) for key in ("beam_size", "temperature")
+                     if isinstance(getattr(self.retriever, key, None), (int, float))}
         return {"model": self.name, "version": self.version, "window": self.window,
-                "supports_temperature": self.supports_temperature, "options": self.options}
+                "supports_temperature": self.supports_temperature,
+                "options": {**self.options, **effective}}
 
     def answer(self, queries: list[Query]) -> list[Answer]:
         """One Answer per query, in order; never raises for a bad query, only reports it."""
-        answers = self._answer(queries)
+        with self._lock:
+            answers = self._answer(queries)
         for a in answers:
             a.batch_size = len(queries)
         return answers
@@ -138,8 +151,17 @@ class ServedModel:
         # ``history_used`` exact.
         histories = [q.history[-self.window:] if self.window else q.history for q in queries]
         user_ids = np.array([q.user_id for q in queries], dtype=np.int64)
-        kwargs = {} if temperature is None else {"temperature": temperature}
-        recs = self.retriever.recommend(histories, user_ids, k, **kwargs)
+        if temperature is None:
+            recs = self.retriever.recommend(histories, user_ids, k)
+        elif self.temperature_mode == "argument":
+            recs = self.retriever.recommend(histories, user_ids, k, temperature=temperature)
+        else:
+            default = self.retriever.temperature
+            self.retriever.temperature = temperature
+            try:
+                recs = self.retriever.recommend(histories, user_ids, k)
+            finally:
+                self.retriever.temperature = default
         answers = []
         for ids, scores in zip(np.asarray(recs.item_ids), np.asarray(recs.scores)):
             keep = ids >= 0  # -1 marks a slot the model could not fill

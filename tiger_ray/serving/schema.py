@@ -38,8 +38,8 @@ def _history_item(value: Any) -> int | str:
         raise PydanticCustomError(
             "history_item", "must be an item id (integer) or an ASIN (string), got {kind}",
             {"kind": type(value).__name__ if value is not None else "null"})
-    if isinstance(value, str) and not 0 < len(value) <= MAX_ASIN_LENGTH:
-        raise PydanticCustomError("history_item", "an ASIN must have 1 to {limit} characters",
+    if isinstance(value, str) and not (0 < len(value) <= MAX_ASIN_LENGTH and value.isprintable()):
+        raise PydanticCustomError("history_item", "an ASIN must be 1 to {limit} printable characters",
                                   {"limit": MAX_ASIN_LENGTH})
     return value
 
@@ -60,8 +60,8 @@ class RecommendRequest(BaseModel):
     user_id: StrictInt | None = Field(
         default=None, ge=0, le=MAX_USER_ID,
         description="Optional user id (as in sequences.parquet). TIGER hashes it into its user "
-                    "token and the baseline looks up its user vector; unknown or omitted users "
-                    "are served as user 0 (anonymous).")
+                    "token; the baseline looks up its user vector if it learned one (unknown "
+                    "users get none). Omitted = 0, an anonymous user.")
     k: StrictInt = Field(default=10, ge=1, le=MAX_K, description=f"How many items, 1..{MAX_K}.")
     model: ModelName = Field(default="tiger", description="tiger (generative retrieval) or ann "
                                                           "(dual encoder + FAISS baseline)")
@@ -137,8 +137,9 @@ class ErrorResponse(BaseModel):
     fields: list[FieldError] = Field(default_factory=list)
 
 
-class RequestError(ValueError):
-    """A client error found after parsing (unknown items, a model not served, ...)."""
+class ApiError(ValueError):
+    """An error answered with ``status`` and an ``ErrorResponse`` body naming the fields: client
+    errors found after parsing (unknown items, a model not served) and 503 from /healthz."""
 
     def __init__(self, status: int, fields: Sequence[tuple[str, str]], error: str = "invalid_request"):
         self.status = status
@@ -172,8 +173,8 @@ def _json_type(value: Any) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def describe_validation_errors(errors: Sequence[dict]) -> RequestError:
-    """FastAPI/pydantic validation errors -> one RequestError (400 for bodies that are not JSON).
+def describe_validation_errors(errors: Sequence[dict]) -> ApiError:
+    """FastAPI/pydantic validation errors -> one ApiError (400 for bodies that are not JSON).
 
     A body that is not JSON, or not a JSON object, is reported on the field "body"; the rest name
     the request field, e.g. "history[2]" or "k".
@@ -198,4 +199,4 @@ def describe_validation_errors(errors: Sequence[dict]) -> RequestError:
             fields.append((field_path(err["loc"]), "unknown field"))
         else:
             fields.append((field_path(err.get("loc", ("body",))), err.get("msg", "invalid value")))
-    return RequestError(status, fields)
+    return ApiError(status, fields)

@@ -1,0 +1,134 @@
+"""Embedding without Ray: duplicate-text planning, shard trust rules, encoder loading errors."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tiger_ray import atomic
+from tiger_ray.data.schema import ITEMS_SCHEMA
+from tiger_ray.embedding.encoder import (DEFAULT_MODEL, EncoderLoadError, check_model, encode,
+                                         load_encoder, resolve_model)
+from tiger_ray.embedding.plan import AliasMap, IdRanges, text_groups
+from tiger_ray.embedding.store import (MANIFEST, SHARD_KEY, load_embeddings, scan_shards,
+                                       write_manifest, write_shard)
+from tiger_ray.runs import RunDir
+
+KEY = {"model": "m", "normalized": True, "items_sha256": "abc"}
+
+
+def _write_items(path, texts):
+    rows = [{"item_id": i, "asin": None, "title": None, "brand": None, "categories": None,
+             "price": None, "text": t} for i, t in enumerate(texts, 1)]
+    atomic.write_parquet(path, pa.Table.from_pylist(rows, schema=ITEMS_SCHEMA))
+
+
+def test_text_groups_map_each_duplicate_to_the_smallest_item_id(tmp_path):
+    _write_items(tmp_path / "items.parquet", ["a", "b", "a", "c", "b", "a", "A"])
+    groups = text_groups(tmp_path / "items.parquet", batch_rows=2)  # several record batches
+    assert groups.item_ids.tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert groups.canonical.tolist() == [1, 2, 1, 4, 2, 1, 7]  # "A" != "a": exact text only
+    assert groups.num_texts == 4
+    aliases = groups.aliases
+    assert sorted(zip(aliases.alias.tolist(), aliases.canonical.tolist())) == [(3, 1), (5, 2), (6, 1)]
+    # a shard with items 1 and 4 carries copies for 3 and 6, taken from item 1's row (index 1)
+    alias_ids, source = aliases.expand(np.array([4, 1]))
+    assert sorted(zip(alias_ids.tolist(), source.tolist())) == [(3, 1), (6, 1)]
+    assert groups.partial_groups(np.array([1, 3, 6, 2])).tolist() == [2]  # 5 missing from b's group
+
+
+def test_id_ranges_and_empty_alias_map():
+    ranges = IdRanges.from_ids(np.array([8, 1, 2, 3, 7, 10, 2]))
+    assert list(zip(ranges.starts, ranges.ends)) == [(1, 3), (7, 8), (10, 10)]
+    assert len(ranges) == 6
+    assert ranges.contains(np.array([0, 1, 3, 4, 6, 7, 9, 10, 11])).tolist() == \
+        [False, True, True, False, False, True, False, True, False]
+    assert not IdRanges.from_ids(np.array([], np.int64)).contains(np.array([1])).any()
+    empty = AliasMap(np.zeros(0, np.int64), np.zeros(0, np.int64))
+    assert [len(a) for a in empty.expand(np.array([1, 2]))] == [0, 0]
+
+
+def test_scan_trusts_only_complete_shards_of_the_same_key(tmp_path):
+    vectors = np.eye(4, dtype=np.float32)
+    first = write_shard(tmp_path, np.array([2, 1]), vectors[:2], KEY)
+    assert first == "part-0000000001-0000000002.parquet"
+    table = pq.read_table(tmp_path / first)
+    assert table.column("item_id").to_pylist() == [1, 2]  # sorted, vectors follow their ids
+    assert np.array_equal(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)),
+                          vectors[[1, 0]])
+    assert json.loads(table.schema.metadata[SHARD_KEY]) == {**KEY, "dim": 4, "count": 2}
+    write_shard(tmp_path, np.array([3]), vectors[2:3], KEY)
+    other = write_shard(tmp_path, np.array([4]), vectors[3:], {**KEY, "model": "other"})
+    overlap = write_shard(tmp_path, np.array([2, 5]), vectors[:2], KEY)  # a redone batch
+    (tmp_path / ".part-0000000006-0000000006.parquet.tmp-1234abcd").write_bytes(b"PAR1 half")
+    good = (tmp_path / first).read_bytes()
+    (tmp_path / "part-0000000007-0000000008.parquet").write_bytes(good[: len(good) // 2])
+
+    scan = scan_shards(tmp_path, KEY)
+    assert [s.name for s in scan.trusted] == [first, "part-0000000003-0000000003.parquet"]
+    assert sorted(p.name for p in scan.untrusted) == sorted([
+        other, overlap, ".part-0000000006-0000000006.parquet.tmp-1234abcd",
+        "part-0000000007-0000000008.parquet"])
+
+
+def test_manifest_lists_shards_for_load_embeddings(tmp_path):
+    run = RunDir(tmp_path)
+    run.embeddings.mkdir()
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(5, 3)).astype(np.float32)
+    files = [write_shard(run.embeddings, np.array([5, 3]), vectors[[4, 2]], KEY),
+             write_shard(run.embeddings, np.array([1, 2, 4]), vectors[[0, 1, 3]], KEY)]
+    write_manifest(run.embeddings, files, model="m", dim=3, normalized=False, count=5, source=KEY)
+    ids, loaded = load_embeddings(run)
+    assert ids.tolist() == [1, 2, 3, 4, 5] and np.array_equal(loaded, vectors)
+    manifest = json.loads((run.embeddings / MANIFEST).read_text())
+    assert manifest["files"] == sorted(files) and manifest["source"] == KEY
+
+
+def test_unknown_hub_model_fails_at_once_with_offline_instructions():
+    start = time.perf_counter()
+    with pytest.raises(EncoderLoadError) as err:
+        load_encoder("sentence-transformers/no-such-model-xyz")
+    assert time.perf_counter() - start < 5  # no hub retries
+    message = str(err.value)
+    assert "sentence-transformers/no-such-model-xyz" in message
+    assert "--model DIR" in message and "--allow-download" in message
+
+
+def test_bad_local_paths_fail_with_the_path(tmp_path):
+    with pytest.raises(EncoderLoadError, match="does not exist"):
+        check_model(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EncoderLoadError, match="neither modules.json nor config.json"):
+        check_model(str(tmp_path / "empty"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    with pytest.raises(EncoderLoadError, match="cannot load encoder model"):
+        load_encoder(str(tmp_path / "broken"))
+    assert resolve_model(str(tmp_path / "empty")) == str((tmp_path / "empty").resolve())
+    assert resolve_model("org/name") == "org/name" and resolve_model(DEFAULT_MODEL) == DEFAULT_MODEL
+
+
+def test_cli_reports_an_unloadable_model_without_traceback(synthetic_run, capsys):
+    from tiger_ray.cli import main
+
+    code = main(["embed", "--run", str(synthetic_run.root), "--model", "no-such-encoder-xyz"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "tiger embed: error: encoder model 'no-such-encoder-xyz'" in err and "Traceback" not in err
+    assert not (synthetic_run.embeddings / MANIFEST).exists()
+
+
+def test_default_encoder_gives_unit_vectors_and_identical_rows_for_identical_texts():
+    encoder = load_encoder(DEFAULT_MODEL)
+    texts = ["red lipstick, matte", "hiking tent for two", "red lipstick, matte"]
+    vectors = encode(encoder, texts, batch_size=2)
+    assert vectors.shape == (3, 384) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    assert np.allclose(vectors[0], vectors[2], atol=1e-6) and not np.allclose(vectors[0], vectors[1])
+    assert encode(encoder, [], batch_size=2).shape == (0, 384)

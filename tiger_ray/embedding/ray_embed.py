@@ -1,0 +1,240 @@
+"""`tiger embed` on Ray Data: items.parquet -> a pool of encoder actors -> Parquet shards + manifest.
+
+    read_parquet(items.parquet) -> drop items already on disk -> blocks of shard_size rows
+        -> map_batches(ShardEncoder, ActorPoolStrategy(size=workers)): encode, write one shard
+        -> a one-row summary per shard back to the driver (progress bar, then the manifest)
+
+Each actor loads the model once and writes its shards itself, so embeddings never pass through
+the driver. A re-run with the same model, normalisation and items.parquet keeps every complete
+shard and encodes only the rest; anything else (another model, a half-written file) is replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tiger_ray import atomic
+from tiger_ray.embedding.config import PRESETS, EmbedConfig
+from tiger_ray.embedding.encoder import check_model, encode, load_encoder, resolve_model
+from tiger_ray.embedding.plan import AliasMap, IdRanges, TextGroups, file_sha256, text_groups
+from tiger_ray.embedding.store import (MANIFEST, ShardInfo, read_manifest_json, scan_shards,
+                                       write_manifest, write_shard)
+from tiger_ray.runs import RunDir
+
+__all__ = ["EmbedConfig", "PRESETS", "ShardEncoder", "run_embed", "source_key"]
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+
+
+def source_key(items: Path, config: EmbedConfig) -> dict:
+    """What a shard's vectors depend on; shards with another key are never reused."""
+    return {"model": resolve_model(config.model), "normalized": bool(config.normalize),
+            "items_sha256": file_sha256(items)}
+
+
+class ShardEncoder:
+    """Ray Data actor: loads the encoder once, then turns each batch of items into one shard file."""
+
+    def __init__(self, directory: str, model: str, device: str, threads: int, batch_size: int,
+                 normalize: bool, allow_download: bool, key: dict, aliases: AliasMap):
+        import torch
+
+        if device == "cpu":
+            torch.set_num_threads(threads)
+        self.encoder = load_encoder(model, device=device, allow_download=allow_download)
+        self.directory, self.batch_size, self.normalize = Path(directory), batch_size, normalize
+        self.key, self.aliases = key, aliases
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        ids = np.asarray(batch["item_id"], dtype=np.int64)
+        vectors = encode(self.encoder, [str(t) for t in batch["text"]], self.batch_size, self.normalize)
+        alias_ids, source = self.aliases.expand(ids)  # same text: an exact copy of the vector
+        name = write_shard(self.directory, np.concatenate([ids, alias_ids]),
+                           np.concatenate([vectors, vectors[source]]), self.key)
+        return {"file": np.array([name]), "items": np.array([len(ids) + len(alias_ids)]),
+                "encoded": np.array([len(ids)]), "dim": np.array([vectors.shape[1]]),
+                "seconds": np.array([time.perf_counter() - start])}
+
+
+def _keep(batch, skip: IdRanges):
+    """Rows of a pyarrow batch whose item is neither on disk already nor an alias."""
+    import pyarrow as pa
+
+    return batch.filter(pa.array(~skip.contains(batch.column("item_id").to_numpy())))
+
+
+@contextlib.contextmanager
+def _quiet_ray_data():
+    # Our own progress bar counts items; Ray Data's per-operator bars would interleave with it.
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    before = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars = before
+
+
+def _worker_resources(config: EmbedConfig) -> tuple[int, dict]:
+    """Actor pool size and per-actor resources; fails now rather than leave actors pending forever."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    if config.use_gpu:
+        gpus = int(cluster.get("GPU", 0))
+        workers = config.workers or gpus
+        if gpus < 1 or workers > gpus:
+            raise ValueError(f"--use-gpu with {workers or 'one per GPU'} encoder actors, but the Ray "
+                             f"cluster has {gpus} GPUs; lower --workers or run without --use-gpu")
+        return workers, {"num_gpus": 1, "num_cpus": config.cpus_per_worker}
+    cpus = float(cluster.get("CPU", 0))
+    if config.workers * config.cpus_per_worker > cpus:
+        raise ValueError(f"{config.workers} encoder actors x {config.cpus_per_worker} CPUs do not fit "
+                         f"in the Ray cluster's {cpus:g} CPUs; lower --workers or --cpus-per-worker")
+    return config.workers, {"num_cpus": config.cpus_per_worker}
+
+
+def _encode_pending(run: RunDir, config: EmbedConfig, key: dict, skip: IdRanges, aliases: AliasMap,
+                    total: int) -> list[dict]:
+    """The Ray Data pass: returns one summary per shard written."""
+    from tqdm.auto import tqdm
+
+    workers, resources = _worker_resources(config)
+    with _quiet_ray_data():  # a Dataset keeps the DataContext it was created with
+        ds = _pipeline(run, config, key, skip, aliases, workers, resources)
+    shards: list[dict] = []
+    with tqdm(total=total, unit="item", desc="embed", smoothing=0.1) as bar:
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for row in range(len(batch["file"])):
+                    shards.append({k: np.asarray(batch[k][row]).item() for k in batch})
+                    bar.update(shards[-1]["items"])
+        except Exception as err:
+            # Ray Data has stopped the actors; a writer killed mid-shard left only a temp file.
+            for path in run.embeddings.glob(".part-*.tmp-*"):
+                path.unlink(missing_ok=True)
+            raise RuntimeError(
+                f"embedding failed: the encoder actors failed ({_root_cause(err)}). The {len(shards)} "
+                f"shards finished in this run are complete and kept; re-run `tiger embed --run "
+                f"{run.root}` to resume once the cause is fixed") from err
+    return shards
+
+
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[-1] if lines else ''}"
+
+
+def _pipeline(run: RunDir, config: EmbedConfig, key: dict, skip: IdRanges, aliases: AliasMap,
+              workers: int, resources: dict):
+    import ray
+
+    ds = ray.data.read_parquet(str(run.items)).select_columns(["item_id", "text"])
+    if len(skip):
+        ds = ds.map_batches(_keep, fn_kwargs={"skip": skip}, batch_format="pyarrow", batch_size=None)
+    # Blocks of shard_size rows: each actor call gets one, and both actors get work even when
+    # items.parquet is a single row group.
+    ds = ds.repartition(target_num_rows_per_block=config.shard_size)
+    ds = ds.map_batches(
+        ShardEncoder, batch_size=config.shard_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=workers), **resources,
+        fn_constructor_kwargs=dict(
+            directory=str(run.embeddings), model=config.model,
+            device="cuda" if config.use_gpu else "cpu", threads=config.threads_per_worker,
+            batch_size=config.batch_size, normalize=config.normalize,
+            allow_download=config.allow_download, key=key, aliases=aliases))
+    return ds
+
+
+def _trusted_shards(directory: Path, key: dict, groups: TextGroups) -> tuple[list[ShardInfo], list[Path]]:
+    """Shards a re-run keeps, and the files it must delete first."""
+    scan = scan_shards(directory, key)
+    trusted, untrusted = list(scan.trusted), list(scan.untrusted)
+    while trusted:
+        done = np.concatenate([s.item_ids for s in trusted])
+        # Our shards hold whole text groups and only catalog items; anything else is not ours.
+        bad = np.concatenate([groups.partial_groups(done), done[~np.isin(done, groups.item_ids)]])
+        if len(bad) == 0:
+            break
+        drop = [s for s in trusted if np.isin(s.item_ids, bad).any()]
+        trusted = [s for s in trusted if s not in drop]
+        untrusted += [directory / s.name for s in drop]
+    return trusted, untrusted
+
+
+def run_embed(run: RunDir, config: EmbedConfig) -> dict:
+    """The `tiger embed` stage: embed every item of RUN/items.parquet into RUN/embeddings/."""
+    from tiger_ray.ray_env import ray_session
+
+    items = run.require(run.items, "tiger prepare")
+    check_model(config.model, config.allow_download)  # a missing model fails here, before Ray
+    start = time.perf_counter()
+    directory = run.embeddings
+    directory.mkdir(parents=True, exist_ok=True)
+    key = source_key(items, config)
+    groups = text_groups(items)
+    total = len(groups.item_ids)
+    if total == 0:
+        raise ValueError(f"{items}: no items to embed")
+
+    trusted, untrusted = _trusted_shards(directory, key, groups)
+    done = np.concatenate([s.item_ids for s in trusted]) if trusted else np.zeros(0, np.int64)
+    manifest = read_manifest_json(directory)
+    files = sorted(s.name for s in trusted)
+    up_to_date = (not untrusted and len(done) == total and manifest is not None
+                  and manifest.get("source") == key and manifest.get("files") == files)
+    if not up_to_date:
+        # The manifest goes first: from here until it is rewritten, readers see "not embedded yet".
+        (directory / MANIFEST).unlink(missing_ok=True)
+        for path in untrusted:
+            log.info("removing %s (not a complete shard of %s)", path.name, key["model"])
+            path.unlink(missing_ok=True)
+    if untrusted and trusted:
+        log.info("keeping %d complete shards (%d items) from an earlier run", len(trusted), len(done))
+
+    shards: list[dict] = []
+    pending = total - len(done)
+    if pending:
+        aliases = groups.aliases
+        skip = IdRanges.from_ids(np.concatenate([done, aliases.alias]))
+        todo = ~np.isin(aliases.canonical, done)
+        log.info("embedding %d of %d items with %s on %s %s actors", pending, total, key["model"],
+                 config.workers or "one per GPU:", "GPU" if config.use_gpu else "CPU")
+        with ray_session():
+            shards = _encode_pending(run, config, key, skip,
+                                     AliasMap(aliases.alias[todo], aliases.canonical[todo]), pending)
+        files = sorted(files + [s["file"] for s in shards])
+        written = sum(s["items"] for s in shards)
+        if written != pending:
+            raise RuntimeError(f"{directory}: {pending} items to embed, the encoder actors wrote {written}")
+    dims = {s["dim"] for s in shards} | {s.dim for s in trusted}
+    if len(dims) != 1:
+        raise RuntimeError(f"{directory}: shards of different dimensions {sorted(dims)}")
+    dim = dims.pop()
+    seconds = time.perf_counter() - start
+    if not up_to_date:
+        atomic.write_json(directory / CONFIG_FILE, dataclasses.asdict(config))
+        write_manifest(directory, files, model=key["model"], dim=dim, normalized=config.normalize,
+                       count=total, source=key)
+    encoded = sum(s["encoded"] for s in shards)
+    summary = {"items": total, "distinct_texts": groups.num_texts, "dim": dim, "model": key["model"],
+               "normalized": config.normalize, "shards": len(files), "encoded": encoded,
+               "copied_duplicates": pending - encoded, "reused": int(len(done)),
+               "seconds": round(seconds, 2),
+               "items_per_s": round(pending / seconds, 1) if pending else None,
+               "embeddings": str(directory)}
+    log.info("embeddings: %s", summary)
+    return summary

@@ -1,0 +1,271 @@
+"""`tiger compare`: TIGER vs the dual-encoder baseline on one run, measured on this machine.
+
+    tiger compare --run runs/beauty
+
+Writes RUN/compare/compare.json and compare.md with, per model:
+  quality        Recall/NDCG@5/10 from RUN/eval/<model>/<split>/metrics.json (`tiger evaluate`)
+  latency        measured here and now through the model's ``load_retriever``: batch-1 requests
+                 (p50/p95/mean ms) and batched requests (ms per query, queries/s)
+  index bytes    what retrieval keeps beside the network, per item: TIGER's Semantic-ID table plus
+                 its prefix trie; the dual encoder's FAISS index (vectors or codes, graph, id map)
+  training time  from each model's saved training summary (TIGER: RQ-VAE + seq2seq)
+Same histories, same k, same process and thread settings for both models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+from tiger_ray import atomic
+from tiger_ray.config import add_config_args, build_config
+from tiger_ray.runs import RunDir
+
+log = logging.getLogger(__name__)
+
+QUALITY_KEYS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
+MODEL_LABELS = {"tiger": "TIGER (generative retrieval)", "ann": "Dual encoder + FAISS"}
+
+
+@dataclass
+class CompareConfig:
+    models: tuple[str, ...] = field(default=("tiger", "ann"), metadata={"help": "models to compare"})
+    split: str = field(default="test", metadata={"help": "split whose metrics and histories are used"})
+    k: int = field(default=10, metadata={"help": "list length requested per query"})
+    single_queries: int = field(default=100, metadata={"help": "batch-1 requests timed per model"})
+    batch_size: int = field(default=256, metadata={"help": "queries per batched request"})
+    batched_queries: int = field(default=1024, metadata={"help": "queries timed in batched requests"})
+    warmup: int = field(default=3, metadata={"help": "untimed requests before timing"})
+    ann_index_type: str | None = field(default=None, metadata={
+        "help": "dual encoder: FAISS index to time (default: the one trained)"})
+    tiger_beam_size: int | None = field(default=None, metadata={"help": "TIGER: beam size (default: its loader's)"})
+
+
+# ---------------------------------------------------------------- the measurements
+
+def quality(run: RunDir, model: str) -> dict:
+    """Saved metrics per split, or a note saying which command makes them."""
+    out = {}
+    for split in ("valid", "test"):
+        path = run.eval_dir(model, split) / "metrics.json"
+        if path.exists():
+            metrics = atomic.read_json(path)
+            out[split] = {k: metrics[k] for k in (*QUALITY_KEYS, "count") if k in metrics}
+        else:
+            out[split] = {"missing": f"run `tiger evaluate --run {run.root} --model {model} --split {split}`"}
+    return out
+
+
+def query_set(run: RunDir, split: str, n: int):
+    """The first ``n`` (history, user id) pairs of a split: what both models are timed on."""
+    from tiger_ray.data.schema import read_sequences
+    from tiger_ray.data.split import build_examples
+
+    examples = build_examples(read_sequences(run.require(run.sequences, "tiger prepare")), split)
+    n = min(n, len(examples))
+    return [examples.history(i) for i in range(n)], examples.user_ids[:n]
+
+
+def latency(retriever, histories, user_ids, config: CompareConfig) -> dict:
+    """Batch-1 and batched request latency of ``retriever.recommend``."""
+    import numpy as np
+
+    for i in range(min(config.warmup, len(histories))):
+        retriever.recommend([histories[i]], user_ids[i:i + 1], config.k)
+    singles = []
+    for i in range(min(config.single_queries, len(histories))):
+        start = time.perf_counter()
+        retriever.recommend([histories[i]], user_ids[i:i + 1], config.k)
+        singles.append(time.perf_counter() - start)
+    singles_ms = 1e3 * np.asarray(singles)
+    n = min(config.batched_queries, len(histories))
+    start = time.perf_counter()
+    for lo in range(0, n, config.batch_size):
+        retriever.recommend(histories[lo:lo + config.batch_size], user_ids[lo:lo + config.batch_size], config.k)
+    batched = time.perf_counter() - start
+    return {
+        "single_p50_ms": float(np.percentile(singles_ms, 50)),
+        "single_p95_ms": float(np.percentile(singles_ms, 95)),
+        "single_mean_ms": float(singles_ms.mean()),
+        "single_queries": len(singles),
+        "batched_ms_per_query": 1e3 * batched / max(n, 1),
+        "batched_queries_per_second": n / batched if batched > 0 else None,
+        "batched_queries": n,
+        "batch_size": config.batch_size,
+    }
+
+
+def tiger_index_bytes(run: RunDir, retriever=None) -> dict:
+    """Semantic-ID table (item id + 4 codes, as held in memory) and the prefix trie's arrays."""
+    if retriever is not None and hasattr(retriever, "trie") and hasattr(retriever, "tokenizer"):
+        table, trie = retriever.tokenizer.semantic_ids, retriever.trie
+    else:
+        from tiger_ray.semantic_ids.table import read_semantic_ids
+        from tiger_ray.seq2seq.trie import SemanticIdTrie
+
+        table = read_semantic_ids(run)
+        trie = SemanticIdTrie.from_semantic_ids(table)
+    table_bytes = int(table.item_ids.nbytes + table.codes.nbytes)
+    trie_bytes = int(trie.nbytes())
+    items = int(table.num_items)
+    return {"items": items, "semantic_id_table_bytes": table_bytes, "trie_bytes": trie_bytes,
+            "bytes": table_bytes + trie_bytes, "bytes_per_item": (table_bytes + trie_bytes) / max(items, 1)}
+
+
+def ann_index_bytes(run: RunDir, retriever=None, index_type: str | None = None) -> dict:
+    """The FAISS index as serialised (what serving loads)."""
+    if retriever is not None and hasattr(retriever, "index_bytes"):
+        nbytes, items = retriever.index_bytes(), retriever.index.ntotal
+        index_type = retriever.index.config.index_type
+    else:
+        from tiger_ray.baseline.retriever import default_index_type, index_dir
+
+        index_type = index_type or default_index_type(run)
+        meta = atomic.read_json(run.require(index_dir(run, index_type) / "index.json", "tiger train-baseline"))
+        nbytes, items = meta["bytes"], meta["count"]
+    return {"items": int(items), "index_type": index_type, "bytes": int(nbytes),
+            "bytes_per_item": nbytes / max(items, 1)}
+
+
+def training_time(run: RunDir, model: str) -> dict:
+    """Seconds of training from the saved summaries (None where a summary is missing)."""
+    def read(path, key):
+        return atomic.read_json(path).get(key) if path.exists() else None
+
+    if model == "tiger":
+        rqvae = read(run.semantic_ids / "report.json", "train_seconds")
+        seq2seq = read(run.seq2seq / "summary.json", "train_seconds")
+        parts = {"rqvae_seconds": rqvae, "seq2seq_seconds": seq2seq}
+    elif model == "ann":
+        parts = {"dual_encoder_seconds": read(run.baseline / "summary.json", "train_seconds")}
+    else:
+        parts = {}
+    known = [v for v in parts.values() if v is not None]
+    return {**parts, "seconds": sum(known) if known and len(known) == len(parts) else None}
+
+
+def compare_model(run: RunDir, model: str, histories, user_ids, config: CompareConfig) -> dict:
+    from tiger_ray.evaluation.registry import load_retriever
+
+    row = {"model": model, "label": MODEL_LABELS.get(model, model), "quality": quality(run, model),
+           "training": training_time(run, model)}
+    options = {}
+    if model == "ann" and config.ann_index_type:
+        options["index_type"] = config.ann_index_type
+    if model == "tiger" and config.tiger_beam_size:
+        options["beam_size"] = config.tiger_beam_size
+    retriever = None
+    try:
+        start = time.perf_counter()
+        retriever = load_retriever(run, model, **options)
+        row["load_seconds"] = time.perf_counter() - start
+    except (FileNotFoundError, ImportError) as err:
+        # ImportError: the model's package is not installed/written yet; FileNotFoundError: not trained.
+        row["unavailable"] = f"{type(err).__name__}: {err}"
+        log.warning("compare: %s cannot be loaded (%s); its latency is not measured", model, err)
+    if retriever is not None:
+        log.info("compare: timing %s (%d single requests, %d batched queries)", model,
+                 min(config.single_queries, len(histories)), min(config.batched_queries, len(histories)))
+        row["latency"] = latency(retriever, histories, user_ids, config)
+    try:
+        sizer = {"tiger": tiger_index_bytes, "ann": ann_index_bytes}.get(model)
+        if sizer is not None:
+            row["index"] = sizer(run, retriever) if model == "tiger" else sizer(run, retriever, config.ann_index_type)
+    except (FileNotFoundError, ImportError) as err:
+        row["index"] = {"missing": str(err)}
+    return row
+
+
+def run_compare(run: RunDir, config: CompareConfig) -> dict:
+    """Measure every model of ``config.models`` and write RUN/compare/compare.{json,md}."""
+    import torch
+
+    n = max(config.single_queries + config.warmup, config.batched_queries)
+    histories, user_ids = query_set(run, config.split, n)
+    result = {
+        "run": str(run.root), "split": config.split, "config": asdict(config),
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "load_average_1m": os.getloadavg()[0], "cuda": torch.cuda.is_available()},
+        "models": [compare_model(run, m, histories, user_ids, config) for m in config.models],
+    }
+    result["machine"]["load_average_1m_after"] = os.getloadavg()[0]
+    result["markdown"] = format_markdown(result, dataset_of(run))
+    atomic.write_json(run.compare / "compare.json", result)
+    atomic.write_text(run.compare / "compare.md", result["markdown"])
+    return result
+
+
+def dataset_of(run: RunDir) -> str | None:
+    return atomic.read_json(run.stats).get("dataset") if run.stats.exists() else None
+
+
+# ---------------------------------------------------------------- the table
+
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def format_markdown(result: dict, dataset: str | None = None) -> str:
+    from tiger_ray.evaluation.metrics import PAPER_TABLE1
+
+    split = result["split"]
+    lines = [f"# TIGER vs dual encoder on {dataset or result['run']} ({split} split)", "",
+             "| model | R@5 | N@5 | R@10 | N@10 | batch-1 p50 ms | batch-1 p95 ms | batched ms/query "
+             "| index bytes/item | training s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for row in result["models"]:
+        q = row["quality"].get(split, {})
+        lat = row.get("latency", {})
+        index = row.get("index", {})
+        cells = [row["label"], *(_fmt(q.get(k), ".4f") for k in QUALITY_KEYS),
+                 _fmt(lat.get("single_p50_ms"), ".2f"), _fmt(lat.get("single_p95_ms"), ".2f"),
+                 _fmt(lat.get("batched_ms_per_query"), ".3f"), _fmt(index.get("bytes_per_item"), ".1f"),
+                 _fmt(row["training"].get("seconds"), ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+        if "missing" in q:
+            notes.append(f"- {row['label']}: no {split} metrics; {q['missing']}")
+        if "unavailable" in row:
+            notes.append(f"- {row['label']}: latency not measured ({row['unavailable']})")
+        if "missing" in index:
+            notes.append(f"- {row['label']}: index size unknown ({index['missing']})")
+        if row["model"] == "tiger" and "trie_bytes" in index:
+            notes.append(f"- TIGER index = Semantic-ID table {index['semantic_id_table_bytes']:,} B + "
+                         f"trie {index['trie_bytes']:,} B for {index['items']:,} items")
+        if row["model"] == "ann" and "index_type" in index:
+            notes.append(f"- Dual-encoder index: FAISS {index['index_type']}, {index['bytes']:,} B "
+                         f"for {index['items']:,} items")
+    for name, values in PAPER_TABLE1.get((dataset or "").lower(), {}).items():
+        lines.append(f"| paper {name} | " + " | ".join(f"{v:.4f}" for v in values) + " | | | | | |")
+    machine = result["machine"]
+    lines += ["", f"Latency measured in one process on this machine ({machine['cpus']} CPUs, "
+                  f"{machine['torch_threads']} torch threads, 1-min load average "
+                  f"{machine['load_average_1m']:.1f} -> {machine['load_average_1m_after']:.1f}); "
+                  f"k = {result['config']['k']}, batched requests of {result['config']['batch_size']}. "
+                  "Training time is each model's own training loop (TIGER: RQ-VAE + seq2seq), "
+                  "from its saved summary.", *([""] + notes if notes else [])]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- CLI
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "compare", help="table of TIGER vs the dual-encoder baseline: quality, latency, index size, "
+        "training time",
+        description="Read both models' saved metrics and training summaries, time both retrievers "
+        "on the same histories (batch 1 and batched), and write RUN/compare/compare.md and .json.")
+    p.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory")
+    add_config_args(p, CompareConfig)
+    p.set_defaults(func=_compare)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    run = RunDir(args.run)
+    result = run_compare(run, build_config(CompareConfig, args))
+    print(result["markdown"])
+    print(f"wrote {run.compare / 'compare.md'}, compare.json")
+    return 0

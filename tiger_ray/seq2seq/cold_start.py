@@ -1,0 +1,210 @@
+"""Cold-start evaluation (paper Sec. 4.3): recommend items the model never saw in training.
+
+Protocol:
+1. ``select_cold_items``: a deterministic 5% of the distinct test-target items become "unseen".
+2. Training drops them: ``exclude_from_training`` removes examples whose target is unseen and
+   deletes unseen items from the training histories (``tiger train-seq2seq`` does this when
+   asked to, and saves the list beside the model with ``save_cold_items``).
+3. Decoding: beam search over every item's ID gives a ranked list of Semantic IDs (the paper
+   decodes unconstrained, so it can produce an unseen item's ID too). Walking that list, each
+   generated ID contributes its own item and then the unseen items sharing its first 3 codes
+   (same score); seen items are always taken, unseen ones only while fewer than
+   ``floor(epsilon * k)`` of the top-k slots hold unseen items (the paper's epsilon; it uses
+   epsilon = 0.1). The beam is widened by k so that skipped unseen IDs cannot leave slots empty
+   in all but pathological cases.
+4. ``evaluate_cold_start``: Recall@K over the test users whose target is an unseen item, written
+   to RUN/eval/tiger-cold/test/.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from tiger_ray import atomic
+from tiger_ray.data.schema import Sequences, read_sequences
+from tiger_ray.data.split import Examples, build_examples
+from tiger_ray.evaluation.metrics import MetricCollection
+from tiger_ray.evaluation.retrieval import Recommendations, predictions_table
+from tiger_ray.runs import RunDir
+from tiger_ray.semantic_ids.table import SemanticIds
+from tiger_ray.seq2seq.tokenizer import hash_user_ids
+
+COLD_ITEMS_FILE = "cold_items.json"
+PREFIX_LEN = 3  # unseen items match a generated ID on its first 3 codes
+
+
+# ---- 1-2: which items are unseen, and training without them -------------------------------------
+def select_cold_items(sequences: Sequences, fraction: float = 0.05, seed: int = 0) -> np.ndarray:
+    """A deterministic ``fraction`` of the distinct test-target items (each user's last item),
+    chosen by a seeded hash of the item id, so every run and machine picks the same ones."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"cold-start fraction must be in (0, 1), got {fraction}")
+    last = sequences.flat[sequences.offsets[1:] - 1]
+    test_items = np.unique(last)
+    n = max(1, math.ceil(fraction * len(test_items)))
+    rank = hash_user_ids(test_items * 1_000_003 + seed, 2**61)  # a seeded stable shuffle
+    return np.sort(test_items[np.argsort(rank, kind="stable")[:n]])
+
+
+def exclude_from_training(examples: Examples, cold_items: np.ndarray) -> Examples:
+    """Training examples without the unseen items: drop examples that target one, delete them
+    from histories, and drop examples whose history becomes empty."""
+    cold_items = np.asarray(cold_items, dtype=np.int64)
+    row_of_item = np.repeat(np.arange(len(examples)), np.diff(examples.offsets))
+    keep_item = ~np.isin(examples.flat, cold_items)
+    lengths = np.bincount(row_of_item[keep_item], minlength=len(examples))
+    keep = ~np.isin(examples.targets, cold_items) & (lengths > 0)
+    offsets = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
+    np.cumsum(lengths[keep], out=offsets[1:])
+    return Examples(user_index=examples.user_index[keep], user_ids=examples.user_ids[keep],
+                    offsets=offsets, flat=examples.flat[keep_item & keep[row_of_item]],
+                    targets=examples.targets[keep])
+
+
+def save_cold_items(directory: str | Path, cold_items: np.ndarray, fraction: float | None = None,
+                    seed: int | None = None) -> None:
+    atomic.write_json(Path(directory) / COLD_ITEMS_FILE, {
+        "fraction": fraction, "seed": seed, "item_ids": [int(i) for i in np.sort(cold_items)]})
+
+
+def load_cold_items(directory: str | Path) -> np.ndarray | None:
+    """The unseen items a model was trained without, or None if it saw every item."""
+    path = Path(directory) / COLD_ITEMS_FILE
+    if not path.exists():
+        return None
+    data = atomic.read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("item_ids"), list):
+        raise ValueError(f"{path}: expected an object with an 'item_ids' list")
+    return np.asarray(data["item_ids"], dtype=np.int64)
+
+
+# ---- 3: mixing unseen items into the ranked list ------------------------------------------------
+@dataclass(frozen=True)
+class ColdIndex:
+    """Unseen items grouped by their first 3 codes (sorted keys; a group is a searchsorted range)."""
+
+    keys: np.ndarray  # [C] prefix key of each unseen item, ascending
+    items: np.ndarray  # [C] item ids in that order
+    sizes: tuple[int, ...]
+
+    @classmethod
+    def build(cls, semantic_ids: SemanticIds, cold_items: np.ndarray) -> "ColdIndex":
+        rows = np.flatnonzero(np.isin(semantic_ids.item_ids, cold_items))
+        sizes = tuple(int(s) for s in semantic_ids.codebook_sizes[:PREFIX_LEN])
+        keys = prefix_keys(semantic_ids.codes[rows], sizes)
+        order = np.lexsort((semantic_ids.codes[rows, PREFIX_LEN], keys))  # by prefix, then c3
+        return cls(keys=keys[order], items=semantic_ids.item_ids[rows][order], sizes=sizes)
+
+    def matching(self, codes: np.ndarray) -> list[np.ndarray]:
+        """For each [.., 4] code row: the unseen items sharing its first 3 codes."""
+        keys = prefix_keys(codes.reshape(-1, codes.shape[-1]), self.sizes)
+        lo = np.searchsorted(self.keys, keys, side="left")
+        hi = np.searchsorted(self.keys, keys, side="right")
+        return [self.items[a:b] for a, b in zip(lo, hi)]
+
+
+def prefix_keys(codes: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:
+    key = np.zeros(len(codes), dtype=np.int64)
+    for p, size in enumerate(sizes):
+        key = key * size + codes[:, p]
+    return key
+
+
+def mix_cold_items(items: np.ndarray, scores: np.ndarray, codes: np.ndarray, index: ColdIndex,
+                   k: int, epsilon: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The epsilon rule over ranked generated IDs (items/scores/codes [B, W], best first): each ID
+    adds its item, then the unseen items sharing its first 3 codes; unseen items are admitted
+    while fewer than floor(epsilon * k) are in the list. Returns (items, scores, is_unseen), [B, k]."""
+    if not 0.0 <= epsilon <= 1.0:
+        raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+    budget = int(math.floor(epsilon * k + 1e-9))
+    B, width = items.shape
+    out_items = np.full((B, k), -1, dtype=np.int64)
+    out_scores = np.full((B, k), -np.inf, dtype=np.float32)
+    unseen = np.zeros((B, k), dtype=bool)
+    is_cold = np.zeros(int(max(items.max(initial=0), index.items.max(initial=0))) + 1, dtype=bool)
+    is_cold[index.items] = True
+    matches = index.matching(codes)
+    for b in range(B):
+        n = used = 0
+        taken: set[int] = set()
+        for j in range(width):
+            if n == k or items[b, j] < 0:
+                break
+            for item in (int(items[b, j]), *matches[b * width + j].tolist()):
+                cold = bool(is_cold[item])
+                if n == k or item in taken or (cold and used >= budget):
+                    continue
+                out_items[b, n], out_scores[b, n], unseen[b, n] = item, scores[b, j], cold
+                taken.add(item)
+                n += 1
+                used += cold
+    return out_items, out_scores, unseen
+
+
+class ColdStartRetriever:
+    """Decodes over every item's ID, then keeps unseen items to the epsilon budget."""
+
+    name = "tiger-cold"
+
+    def __init__(self, base, cold_items: np.ndarray, epsilon: float = 0.1):
+        self.base = base
+        self.index = ColdIndex.build(base.tokenizer.semantic_ids, cold_items)
+        self.cold_items = np.asarray(cold_items, dtype=np.int64)
+        self.epsilon = epsilon
+
+    def recommend(self, histories, user_ids, k: int) -> Recommendations:
+        width = max(k, self.base.beam_size) + k  # room for unseen IDs the budget skips
+        items, tokens, scores = self.base.decode(histories, user_ids, width)
+        codes = tokens - self.base.tokenizer.offsets
+        out, out_scores, unseen = mix_cold_items(items, scores, codes, self.index, k, self.epsilon)
+        return Recommendations(item_ids=out, scores=out_scores,
+                               extras={"unseen_share": float(unseen.sum()) / k})
+
+
+# ---- 4: evaluation on the users whose test target is unseen --------------------------------------
+def cold_examples(sequences: Sequences, cold_items: np.ndarray, split: str = "test") -> Examples:
+    examples = build_examples(sequences, split)
+    keep = np.isin(examples.targets, cold_items)
+    lengths = np.diff(examples.offsets)[keep]
+    offsets = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    rows = np.repeat(keep, np.diff(examples.offsets))
+    return replace(examples, user_index=examples.user_index[keep], user_ids=examples.user_ids[keep],
+                   offsets=offsets, flat=examples.flat[rows], targets=examples.targets[keep])
+
+
+def evaluate_cold_start(retriever, run: RunDir, cold_items: np.ndarray, *, epsilon: float = 0.1,
+                        k: int = 10, batch_size: int = 256, split: str = "test",
+                        write: bool = True) -> dict:
+    """Recall@1/5/10 (and NDCG) on the test users whose target was held out of training."""
+    cold = retriever if isinstance(retriever, ColdStartRetriever) else \
+        ColdStartRetriever(retriever, cold_items, epsilon=epsilon)
+    examples = cold_examples(read_sequences(run.require(run.sequences, "tiger prepare")), cold_items, split)
+    metrics = MetricCollection.default(tuple(sorted({1, 5, 10, k} & set(range(1, k + 1)))))
+    tables, unseen_share = [], 0.0
+    start = time.perf_counter()
+    for lo in range(0, len(examples), batch_size):
+        hi = min(lo + batch_size, len(examples))
+        recs = cold.recommend([examples.history(i) for i in range(lo, hi)], examples.user_ids[lo:hi], k)
+        metrics.update(recs.item_ids, examples.targets[lo:hi])
+        unseen_share += recs.extras["unseen_share"]
+        tables.append(predictions_table(examples.user_ids[lo:hi], examples.targets[lo:hi], recs))
+    n = len(examples)
+    result = {
+        "model": cold.name, "split": split, "count": n, "epsilon": cold.epsilon,
+        "cold_items": int(len(cold_items)), **metrics.compute(),
+        "unseen_share": unseen_share / max(n, 1), "seconds": time.perf_counter() - start,
+    }
+    if write:
+        out = run.eval_dir(cold.name, split)
+        if tables:
+            atomic.write_parquet(out / "predictions.parquet", pa.concat_tables(tables))
+        atomic.write_json(out / "metrics.json", result)
+    return result
