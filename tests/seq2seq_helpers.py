@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from tiger_ray.data.schema import read_sequences
@@ -13,6 +14,16 @@ from tiger_ray.semantic_ids.table import read_semantic_ids, write_semantic_ids
 from tiger_ray.seq2seq.model import Seq2SeqConfig, TigerSeq2Seq, save_model
 from tiger_ray.seq2seq.retriever import model_dir
 from tiger_ray.seq2seq.tokenizer import BOS, SemanticIdTokenizer
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: a second intra-op thread only adds synchronisation on a shared machine.
+    Import it into a test module and mark the module ``usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def write_topic_semantic_ids(run: RunDir, n_topics: int = 4) -> None:

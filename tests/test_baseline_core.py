@@ -10,7 +10,7 @@ import torch
 
 from tiger_ray.baseline import losses
 from tiger_ray.baseline.dual_encoder import (DualEncoder, DualEncoderConfig, pad_examples,
-                                             pad_histories, text_matrix)
+                                             pad_histories, text_matrix, training_windows)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -79,9 +79,36 @@ def test_pad_examples_matches_pad_histories():
     flat = np.concatenate(histories)
     padded = pad_histories(histories, 5)
     assert np.array_equal(pad_examples(offsets, flat, 5), padded)
-    assert padded[1].tolist() == [0, 0, *histories[1].tolist()]
-    assert padded[3].tolist() == histories[3][-5:].tolist()
+    assert padded[1].tolist() == [*histories[1].tolist(), 0, 0]  # oldest first, padding after
+    assert padded[3].tolist() == histories[3][-5:].tolist()  # the 5 most recent
     assert padded[4].tolist() == [0] * 5
+
+
+def test_training_windows_hold_every_example_once():
+    from tiger_ray.data.schema import Sequences
+    from tiger_ray.data.split import build_examples, train_part
+
+    rng = np.random.default_rng(1)
+    seqs = [rng.permutation(100)[:n] + 1 for n in [3, 4, 9, 25, 40]]  # training parts of 1..38 items
+    lengths = np.array([len(x) for x in seqs])
+    sequences = Sequences(user_ids=np.arange(10, 15), offsets=np.concatenate([[0], np.cumsum(lengths)]),
+                          flat=np.concatenate(seqs))
+    L = 8
+    history, targets, owners = training_windows([train_part(x) for x in seqs], L)
+    examples = build_examples(sequences, "train")  # full histories, no cut
+    full_history = {(int(examples.user_index[i]), int(examples.targets[i])): tuple(examples.history(i))
+                    for i in range(len(examples))}  # items are distinct within a user here
+    got = [(int(owners[w]), tuple(history[w, :j + 1]), int(targets[w, j]))
+           for w in range(len(history)) for j in np.flatnonzero(targets[w])]
+    assert len(got) == len(examples) == sum(len(x) - 3 for x in seqs)
+    assert len({(owner, target) for owner, _, target in got}) == len(got)  # each example once
+    for owner, hist, target in got:
+        full = full_history[(owner, target)]
+        assert full[-len(hist):] == hist  # the most recent items before the target
+        if len(full) <= L:
+            assert hist == full  # short prefixes: the whole history, as build_examples(max_history=L)
+        else:
+            assert L // 2 <= len(hist) <= L
 
 
 def _model(**overrides) -> DualEncoder:
@@ -92,22 +119,30 @@ def _model(**overrides) -> DualEncoder:
     return DualEncoder(config, text).eval()
 
 
-def test_query_tower_is_causal_and_ignores_padding():
+def test_one_pass_gives_every_prefix_query():
     model = _model()
-    history = torch.tensor([[0, 0, 3, 4, 5], [0, 0, 0, 0, 7]])
+    window = torch.tensor([[3, 4, 5, 6, 0]])
+    with torch.no_grad():
+        positions = model.encode_positions(window)[0]
+        for j in range(4):
+            prefix = torch.tensor([window[0, :j + 1].tolist() + [0] * (4 - j)])
+            assert torch.allclose(positions[j], model.encode_queries(prefix)[0], atol=1e-5)
+
+
+def test_query_tower_reads_the_newest_item_and_ignores_padding():
+    model = _model()
+    history = torch.tensor([[3, 4, 5, 0, 0], [7, 0, 0, 0, 0]])
     with torch.no_grad():
         q = model.encode_queries(history)
-        table = model.item_table()
-        q_table = model.encode_queries(history, table=table)
-        # an empty history (all padding) still gives a finite query
+        q_table = model.encode_queries(history, table=model.item_table())
+        alone = model.encode_queries(torch.tensor([[7, 0, 0]]))  # other width, other batch
         empty = model.encode_queries(torch.zeros(1, 5, dtype=torch.long))
+        other = model.encode_queries(torch.tensor([[3, 4, 6, 0, 0]]))
     assert torch.allclose(q, q_table, atol=1e-6)
-    assert torch.isfinite(empty).all()
+    assert torch.allclose(alone[0], q[1], atol=1e-6)
+    assert torch.isfinite(empty).all()  # an empty history still gives a finite query
     assert torch.allclose(q.norm(dim=1), torch.ones(2), atol=1e-5)  # normalised
-    # the newest item matters: changing it changes the query
-    with torch.no_grad():
-        other = model.encode_queries(torch.tensor([[0, 0, 3, 4, 6]]))
-    assert not torch.allclose(other[0], q[0])
+    assert not torch.allclose(other[0], q[0])  # the newest item matters
 
 
 def test_item_tower_gives_cold_items_a_text_vector():
@@ -140,7 +175,7 @@ def test_training_learns_synthetic_next_items(tmp_path, loss):
     torch.manual_seed(0)
     model = DualEncoder(ray_train.model_config(config, data), data.text)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    log_q = losses.log_sampling_probability(data.targets, data.num_items)
+    log_q = losses.log_sampling_probability(data.targets[data.targets != 0], data.num_items)
     device = torch.device("cpu")
 
     def valid_recall():

@@ -77,6 +77,18 @@ def test_other_index_types_and_bad_input(trained_run):
         load_retriever(run, index_type="ivfpq")
 
 
+def test_index_of_an_earlier_model_is_refused(tmp_path):
+    run = make_synthetic_run(tmp_path / "run")
+    make_synthetic_embeddings(run)
+    config = BaselineConfig(**{**PRESETS["tiny"], "epochs": 1})
+    ray_train.train_local(run, config)
+    build_run_index(run, IndexConfig("hnsw", hnsw_m=8))
+    load_retriever(run, index_type="hnsw")
+    ray_train.train_local(run, config)  # a new export; index-hnsw now belongs to the old one
+    with pytest.raises(ValueError, match="built for another model"):
+        load_retriever(run, index_type="hnsw")
+
+
 def test_user_embedding_lookup(trained_run):
     run, model, data = trained_run
     retriever = load_retriever(run)
@@ -86,3 +98,12 @@ def test_user_embedding_lookup(trained_run):
     known = retriever.encode([np.array([1, 2])], np.array([data.user_ids[3]]))
     unknown = retriever.encode([np.array([1, 2])], np.array([10_000_000]))
     assert not np.allclose(known, unknown)
+
+
+def test_torch_threads_is_scoped():
+    from tiger_ray.baseline.retriever import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before

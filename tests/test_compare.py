@@ -56,9 +56,10 @@ def test_compare_without_tiger_reports_why(ann_run):
     meta = atomic.read_json(ann_run.baseline / "index-flat" / "index.json")
     assert ann["index"]["bytes_per_item"] == pytest.approx(meta["bytes"] / 64)
     assert ann["training"]["seconds"] == 12.5
-    md = (ann_run.compare / "compare.md").read_text()
+    md = (ann_run.compare / "comparison.md").read_text()
     assert "| Dual encoder + FAISS | " in md and "latency not measured" in md
-    assert atomic.read_json(ann_run.compare / "compare.json")["models"][1]["model"] == "ann"
+    assert atomic.read_json(ann_run.compare / "comparison.json")["models"][1]["model"] == "ann"
+    assert (ann_run.compare / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_tiger_index_bytes_counts_table_and_trie(tmp_path):

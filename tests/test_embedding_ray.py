@@ -162,14 +162,14 @@ def test_rerun_skips_complete_work_and_resumes_after_a_crash(embedded_run, tmp_p
 
 def test_another_model_replaces_the_output(embedded_run, tiny_encoder_dir, tmp_path):
     run = _copy_run(embedded_run[0], tmp_path / "run")
-    old = set(json.loads((run.embeddings / MANIFEST).read_text())["files"])
     summary = run_embed(run, _tiny_config(model=str(tiny_encoder_dir), normalize=False))
     assert summary["encoded"] == N_ITEMS - len(DUPLICATES) and summary["reused"] == 0
     manifest = json.loads((run.embeddings / MANIFEST).read_text())
     assert manifest["model"] == str(tiny_encoder_dir) and manifest["dim"] == 16
     assert manifest["normalized"] is False
-    on_disk = {p.name for p in run.embeddings.glob("part-*.parquet")}
-    assert on_disk == set(manifest["files"]) and not on_disk & old
+    on_disk = sorted(run.embeddings.glob("part-*.parquet"))
+    assert {p.name for p in on_disk} == set(manifest["files"])
+    assert all(pq.read_schema(p).field("embedding").type.list_size == 16 for p in on_disk)
     ids, vectors = load_embeddings(run)
     assert vectors.shape == (N_ITEMS, 16) and ids.tolist() == list(range(1, N_ITEMS + 1))
 
@@ -180,7 +180,9 @@ def test_failed_batch_leaves_no_partial_output(ray_local, tiny_encoder_dir, tmp_
     config = _tiny_config(model=str(tiny_encoder_dir))
     with pytest.raises(RuntimeError, match="encoder actors failed") as err:
         run_embed(run, config)
-    assert "re-run" in str(err.value)
+    # the message names the failing items and the underlying error, and says how to go on
+    assert "item_id 17..32" in str(err.value) and "size of tensor" in str(err.value)
+    assert "re-run `tiger embed" in str(err.value)
 
     files = sorted(p.name for p in run.embeddings.iterdir())
     assert MANIFEST not in files

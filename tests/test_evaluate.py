@@ -15,15 +15,9 @@ from tiger_ray.evaluation.cli import evaluate, format_table, item_categories, lo
 from tiger_ray.evaluation.metrics import PAPER_KEYS, category_entropy
 from tiger_ray.evaluation.retrieval import PREDICTIONS_SCHEMA, metrics_from_predictions
 
-from seq2seq_helpers import train_tiny_tiger, write_topic_semantic_ids
+from seq2seq_helpers import one_thread, train_tiny_tiger, write_topic_semantic_ids  # noqa: F401
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from tiger_ray.cli import main
 from tiger_ray.data.schema import read_sequences
@@ -17,15 +16,9 @@ from tiger_ray.seq2seq.cold_start import (ColdIndex, exclude_from_training, load
                                           mix_cold_items, select_cold_items)
 from tiger_ray.seq2seq.retriever import model_dir
 
-from seq2seq_helpers import train_tiny_tiger, write_topic_semantic_ids
+from seq2seq_helpers import one_thread, train_tiny_tiger, write_topic_semantic_ids  # noqa: F401
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_select_cold_items_is_a_deterministic_share_of_test_items(synthetic_run):

@@ -1,6 +1,11 @@
 """The jobs on a real Ray cluster: a local head on 127.0.0.1 (`ray start --head`, its own temp dir,
 free ports, its own auth token), jobs sent with `ray job submit` exactly as the README shows, a run
-kept at a file:// URI, and only this head stopped afterwards."""
+kept at a file:// URI, and only this head stopped afterwards.
+
+The pipeline job runs through train-seq2seq; the stages after it run as their own entrypoints
+(which also covers those entrypoints). Once `tiger pipeline` wires evaluate and compare, a single
+pipeline job can replace the last four.
+"""
 
 from __future__ import annotations
 
@@ -51,7 +56,9 @@ def ray_head():
 
 def ray_cli(head, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, **head.client_env}
+    # Not the Ray of this process (the session's embedded one), nor a token overriding this head's.
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN", None)
     return subprocess.run([RAY_CLI, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -91,36 +98,53 @@ def write_dataset(folder: Path) -> tuple[Path, Path]:
     return sequences, items
 
 
+def submit_ok(head, *entrypoint: str, timeout: float = 600) -> str:
+    """Submit, wait, and return the job's logs; fails the test unless the job SUCCEEDED."""
+    submission, result = submit(head, *entrypoint, timeout=timeout)
+    logs = result.stdout + result.stderr
+    assert result.returncode == 0, logs[-6000:]
+    assert job_status(head, submission) == "SUCCEEDED", logs[-6000:]
+    return logs
+
+
 def test_pipeline_jobs_on_a_local_head(ray_head, tmp_path):
-    from tiger_ray.pipeline import STAGES
+    """prepare as its own job, the tiny pipeline through train-seq2seq, then the baseline,
+    evaluation and comparison entrypoints, all on one run kept at a file:// URI."""
+    from tiger_ray.pipeline import STAGE_NAMES, STAGES
 
     sequences, items = write_dataset(tmp_path / "data")
     remote = tmp_path / "bucket" / "runs" / "synthetic"
-    location = f"file://{remote}"
-
-    # One stage on its own, then the pipeline continues the same run from the URI.
-    submission, result = submit(ray_head, "jobs/prepare.py", "--dataset", "synthetic", "--format",
-                                "sequences", "--sequences", str(sequences), "--items", str(items),
-                                "--run", location, timeout=300)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert job_status(ray_head, submission) == "SUCCEEDED"
-    assert pq.read_table(remote / "sequences.parquet").num_rows == 96
-
-    submission, result = submit(ray_head, "jobs/pipeline.py", "--preset", "tiny", "--dataset",
-                                "synthetic", "--run", location, "--no-serve-demo", timeout=1500)
-    logs = result.stdout + result.stderr
-    assert result.returncode == 0, logs[-6000:]
-    assert job_status(ray_head, submission) == "SUCCEEDED"
-    assert "[prepare] already complete" in logs  # the staged copy held the first job's output
-    assert "files downloaded" in logs and "uploaded" in logs
-
     run = RunDir(remote)
-    for stage in STAGES:
+    location = f"file://{remote}"
+    # A kept working copy, as cluster.yaml's $TIGER_STAGE_DIR on the shared mount.
+    stage_dir = ["--stage-dir", str(tmp_path / "stage")]
+
+    submit_ok(ray_head, "jobs/prepare.py", "--dataset", "synthetic", "--format", "sequences",
+              "--sequences", str(sequences), "--items", str(items), "--run", location, *stage_dir)
+    assert pq.read_table(run.sequences).num_rows == 96
+
+    logs = submit_ok(ray_head, "jobs/pipeline.py", "--preset", "tiny", "--dataset", "synthetic",
+                     "--run", location, "--until", "train-seq2seq", "--no-serve-demo", *stage_dir,
+                     timeout=1500)
+    # The kept copy already held the first job's output: nothing to download, prepare skipped.
+    assert "0 files downloaded, 3 already there" in logs
+    assert "[prepare] already complete" in logs
+    assert f"changed files to {location}" in logs
+    for stage in STAGES[: STAGE_NAMES.index("train-seq2seq") + 1]:
         assert stage.done(run).exists(), f"{stage.name}: {stage.done(run)} missing at {location}"
+
+    # The remaining stages, each its own job; a temporary working copy this time.
+    submit_ok(ray_head, "jobs/train_baseline.py", "--preset", "tiny", "--run", location)
     for model in ("tiger", "ann"):
+        submit_ok(ray_head, "jobs/evaluate.py", "--run", location, "--model", model, "--split", "test")
         metrics = json.loads((run.eval_dir(model, "test") / "metrics.json").read_text())
         values = [v for k, v in metrics.items() if k.startswith(("recall", "ndcg"))]
         assert values and all(0.0 <= v <= 1.0 for v in values), metrics
+        # The synthetic catalog is learnable: well above a random top 10 of its 64 items.
+        assert metrics["recall@10"] > 2 * 10 / 64, (model, metrics)
+    submit_ok(ray_head, "jobs/compare.py", "--run", location)
+    assert (run.baseline / "summary.json").exists()
+    assert any(run.compare.glob("*.json")) and any(run.compare.glob("*.md"))
 
 
 def test_a_relative_run_is_refused_inside_a_job(ray_head):

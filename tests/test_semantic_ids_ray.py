@@ -49,3 +49,7 @@ def test_two_worker_fit_writes_table_report_and_resumes(ray_local, embedded_run)
     assert [m["epoch"] for m in history] == [1, 2, 3, 4, 5]
     assert history[:3] == read_metrics(run)  # the first three epochs came from the checkpoint
     assert history[4]["loss"] < history[0]["loss"]
+
+    # A checkpoint of another shape is refused on the driver, before Ray Train would retry it.
+    with pytest.raises(ValueError, match="latent_dim=8.*--fresh"):
+        train_rqvae(run, replace(config, latent_dim=4, epochs=6))

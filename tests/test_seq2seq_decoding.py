@@ -17,6 +17,10 @@ from tiger_ray.seq2seq.retriever import TigerRetriever
 from tiger_ray.seq2seq.tokenizer import BOS, SemanticIdTokenizer
 from tiger_ray.seq2seq.trie import SemanticIdTrie
 
+from seq2seq_helpers import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def make_ids(codes, sizes) -> SemanticIds:
     codes = np.asarray(codes, dtype=np.int64).reshape(-1, 4)
@@ -63,15 +67,6 @@ def exhaustive_scores(model, tok, source, pad) -> np.ndarray:
     return total.numpy()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only adds synchronisation on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- trie ------------------------------------------------------------------------------------------
 def test_trie_matches_brute_force():
     sids = random_ids(40, (4, 3, 5, 2), seed=0)
@@ -86,7 +81,8 @@ def test_trie_matches_brute_force():
             assert set(np.flatnonzero(row).tolist()) == expected
     np.testing.assert_array_equal(trie.lookup(sids.codes), sids.item_ids)
     # a prefix no item has: node -1, nothing allowed, lookup -1
-    absent = next(p for p in itertools.product(range(4), range(3), range(5)) if p not in {c[:3] for c in codes})
+    prefixes3 = {c[:3] for c in codes}
+    absent = next(p for p in itertools.product(range(4), range(3), range(5)) if p not in prefixes3)
     assert trie.prefix_nodes(np.array([absent])).tolist() == [-1]
     assert not trie.allowed_next(np.array([absent])).any()
     full_absent = next(c for c in itertools.product(range(4), range(3), range(5), range(2)) if c not in codes)
@@ -279,3 +275,7 @@ def test_retriever_recommends_real_items_in_any_chunking():
     assert (wide.item_ids >= 1).all()
     sampled = TigerRetriever(model, tok, beam_size=8).recommend(histories, users, k=5, temperature=1.0)
     assert np.isin(sampled.item_ids, sids.item_ids).all()
+    fast = TigerRetriever(model, tok, beam_size=8, precision="bf16").recommend(histories, users, k=5)
+    assert np.isin(fast.item_ids, sids.item_ids).all() and fast.extras == {"invalid_id_rate": 0.0}
+    with pytest.raises(ValueError, match="precision"):
+        TigerRetriever(model, tok, precision="fp8")

@@ -44,3 +44,14 @@ def test_blocking_mode_stops_on_sigterm_and_restores_the_handler(capsys):
     wait_for_signal()
     assert "shutting down" in capsys.readouterr().out
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.ray
+def test_pipeline_serve_demo_serves_every_trained_model_and_stops(ray_local, serving_run, capsys):
+    from tiger_ray.serving.demo import serve_demo
+
+    response = serve_demo(serving_run)  # what the end of `tiger pipeline` calls
+    out = capsys.readouterr().out
+    assert "(tiger, ann)" in out and response["model"] == "tiger" and len(response["items"]) == 10
+    port = int(out.split("at http://127.0.0.1:")[1].split()[0])
+    assert not _accepts_connections(port)

@@ -145,6 +145,7 @@ def test_mixed_batch_equals_one_by_one(served, serving_run, model):
     for query, answer in zip(queries, batch):
         alone = served_model.answer([query])[0]
         assert answer.error is None and answer.batch_size == len(queries) and alone.batch_size == 1
+        assert answer.model_version == served_model.version == model_version(serving_run, model)
         assert answer.item_ids == alone.item_ids and len(answer.item_ids) == query.k
         np.testing.assert_allclose(answer.scores, alone.scores, rtol=1e-5, atol=1e-5)
         assert answer.history_used == min(len(query.history), served_model.window)

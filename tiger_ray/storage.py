@@ -137,8 +137,11 @@ def _json_last(paths):
     return sorted(paths, key=lambda p: (p.endswith(".json"), p))
 
 
-def download(filesystem, root: str, local: Path, state: SyncState) -> SyncState:
-    """Make ``local`` an exact copy of the remote run, copying only files that differ."""
+def download(filesystem, root: str, local: Path, state: SyncState, name: str | None = None) -> SyncState:
+    """Make ``local`` an exact copy of the remote run, copying only files that differ.
+
+    ``name`` is how logs call the remote run (its URI); ``root`` by default.
+    """
     import pyarrow.fs as pafs
 
     remote = remote_files(filesystem, root)
@@ -155,11 +158,11 @@ def download(filesystem, root: str, local: Path, state: SyncState) -> SyncState:
     _copy_all([(f"{root}/{rel}", str(local / rel)) for rel in wanted],
               filesystem, pafs.LocalFileSystem())
     log.info("staged %s into %s: %d files downloaded, %d already there",
-             root, local, len(wanted), len(fresh))
+             name or root, local, len(wanted), len(fresh))
     return SyncState(remote=remote, local=local_files(local))
 
 
-def upload(filesystem, root: str, local: Path, state: SyncState) -> SyncState:
+def upload(filesystem, root: str, local: Path, state: SyncState, name: str | None = None) -> SyncState:
     """Send back what changed in ``local`` since ``state``: uploads, then deletions."""
     import pyarrow.fs as pafs
 
@@ -181,7 +184,7 @@ def upload(filesystem, root: str, local: Path, state: SyncState) -> SyncState:
             if info.type == pafs.FileType.File and (info.size, info.mtime_ns) == state.remote.get(rel):
                 filesystem.delete_file(info.path)
                 deleted += 1
-    log.info("uploaded %d files to %s, deleted %d", len(changed), root, deleted)
+    log.info("uploaded %d changed files to %s, deleted %d", len(changed), name or root, deleted)
     return SyncState(remote=remote, local=now)
 
 
@@ -214,16 +217,16 @@ def staged_run(location: str | os.PathLike, stage_dir: str | os.PathLike | None 
         scratch = Path(tempfile.mkdtemp(prefix="tiger-run-"))
         try:
             local = scratch / "run"
-            state = download(filesystem, root, local, SyncState({}, {}))
+            state = download(filesystem, root, local, SyncState({}, {}), name=uri)
             yield local
-            upload(filesystem, root, local, state)
+            upload(filesystem, root, local, state, name=uri)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return
     local = local_copy_dir(stage_dir, uri)
     record = local.with_name(local.name + ".sync.json")
     with _locked(local.with_name(local.name + ".lock")):
-        state = download(filesystem, root, local, SyncState.load(record))
+        state = download(filesystem, root, local, SyncState.load(record), name=uri)
         state.save(record)
         yield local
-        upload(filesystem, root, local, state).save(record)
+        upload(filesystem, root, local, state, name=uri).save(record)

@@ -32,6 +32,9 @@ def register(subparsers) -> None:
         "its recall@10 against exact (flat) search on validation queries and its latency.")
     index.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory (after train-baseline)")
     index.add_argument("--queries", type=int, default=5000, help="validation queries to measure on")
+    index.add_argument("--eval-splits", nargs="*", choices=("valid", "test"), default=[],
+                       help="also compute Recall/NDCG@5/10 through this index on these splits "
+                            "(reported only; RUN/eval/ is left to `tiger evaluate`)")
     add_config_args(index, IndexConfig)
     index.set_defaults(func=_index)
 
@@ -59,6 +62,6 @@ def _index(args: argparse.Namespace) -> int:
     from tiger_ray.runs import RunDir
 
     summary = build_run_index(RunDir(args.run), build_config(IndexConfig, args),
-                              measure_queries=args.queries)
+                              measure_queries=args.queries, eval_splits=tuple(args.eval_splits))
     print(json.dumps(summary, indent=2))
     return 0

@@ -29,15 +29,15 @@ class BaselineConfig:
         "help": "full = softmax over the whole catalog (small catalogs); in_batch = sampled softmax "
                 "over the batch's targets"})
     log_q: bool = field(default=True, metadata={"help": "in_batch: log-Q correction by item frequency"})
-    batch_size: int = field(default=256, metadata={"help": "examples per step per worker"})
+    batch_size: int = field(default=128, metadata={"help": "training windows (user sequences of up to "
+                                                               "max_history items) per step per worker"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
-    epochs: int = field(default=40, metadata={"help": "maximum epochs"})
-    patience: int = field(default=5, metadata={"help": "stop after this many epochs without a better "
+    epochs: int = field(default=20, metadata={"help": "maximum epochs"})
+    patience: int = field(default=3, metadata={"help": "stop after this many epochs without a better "
                                                        "validation recall@10"})
     eval_batch_size: int = field(default=1024, metadata={"help": "queries per validation batch"})
-    max_examples: int = field(default=0, metadata={"help": "use only the first N training examples (0 = all)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     # Ray Train
     workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP ranks)"})

@@ -2,9 +2,13 @@
 
     item tower   v_i = E_id[i] + W * text_i                (text_i: the item's `tiger embed` vector)
     query tower  q   = causal self-attention over the last <= max_history item vectors of the
-                       history (right-aligned, so the newest item is always at the last position),
-                       read out at the last position (+ an optional user embedding)
+                       history (oldest first at position 0, padding after), read out at the
+                       newest item's position (+ an optional user embedding)
     score        s(q, i) = <q, v_i> / temperature          (both L2-normalised when `normalize`)
+
+Training is SASRec's: because attention is causal and positions count from the window's start,
+one pass over a user's window yields the query of every prefix at once, so every position with a
+next item is a training example (the same prefix -> next-item pairs as ``build_examples``).
 
 Because the text path is part of every item vector, an item never seen in training still gets a
 meaningful vector; ID dropout during training makes the text path carry weight on its own.
@@ -13,7 +17,6 @@ Retrieval is maximum inner product search over the item vectors (FAISS, see ``an
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -58,12 +61,14 @@ class SelfAttentionBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.attn_dropout = dropout
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, length, dim = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(dim, dim=2)
         q, k, v = (t.view(b, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
                    for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+        # Causal: position j sees items 0..j. Padding comes after the real items, so real positions
+        # never see it and no key-padding mask is needed.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.attn_dropout if self.training else 0.0)
         x = x + self.dropout(self.proj(y.transpose(1, 2).reshape(b, length, dim)))
         return x + self.dropout(self.mlp(self.ln2(x)))
@@ -129,58 +134,65 @@ class DualEncoder(nn.Module):
 
     # ------------------------------------------------------------------ query tower
 
-    def encode_queries(self, history: torch.Tensor, users: torch.Tensor | None = None,
-                       table: torch.Tensor | None = None) -> torch.Tensor:
-        """Query vectors [B, dim] for right-aligned histories [B, max_history] (0 = padding).
+    def encode_positions(self, history: torch.Tensor, users: torch.Tensor | None = None,
+                         table: torch.Tensor | None = None) -> torch.Tensor:
+        """Query vectors at every position [B, L, dim] of left-aligned histories [B, L] (0 = padding
+        after the items): row b, position j is the query for the prefix history[b, :j+1].
 
-        ``table`` is a precomputed ``item_table()`` (inference); without it, the history items
-        go through the item tower (training, so gradients reach it).
+        ``table`` is a precomputed ``item_table()`` (inference); without it the history items go
+        through the item tower (training, so gradients reach it).
         """
         c = self.config
-        if history.shape[1] != c.max_history:
-            raise ValueError(f"history must be [B, {c.max_history}], got {tuple(history.shape)}")
+        if history.shape[1] > c.max_history:
+            raise ValueError(f"history must be [B, <= {c.max_history}], got {tuple(history.shape)}")
         x = table[history] if table is not None else self.item_repr(history)
-        x = self.input_dropout(x + self.position.weight)
-        valid = history != 0
-        causal = torch.ones(c.max_history, c.max_history, dtype=torch.bool, device=x.device).tril()
-        # Position j attends to valid items at or before j. Padded positions attend to themselves
-        # only, so no row of the mask is empty (an all-masked softmax row gives NaN).
-        allowed = (causal & valid[:, None, :]) | torch.eye(c.max_history, dtype=torch.bool, device=x.device)
-        allowed = allowed.unsqueeze(1)  # [B, 1, L, L], broadcast over heads
+        x = self.input_dropout(x + self.position.weight[: history.shape[1]])
         for block in self.blocks:
-            x = block(x, allowed)
-        q = self.ln_f(x[:, -1])
+            x = block(x)
+        x = self.ln_f(x)
         if self.user is not None and users is not None:
-            q = q + self.user(users)
-        return self.score_vectors(q)
+            x = x + self.user(users).unsqueeze(1)
+        return self.score_vectors(x)
+
+    def encode_queries(self, history: torch.Tensor, users: torch.Tensor | None = None,
+                       table: torch.Tensor | None = None) -> torch.Tensor:
+        """One query vector [B, dim] per left-aligned history [B, L]: the newest item's position."""
+        last = ((history != 0).sum(dim=1) - 1).clamp(min=0)  # an empty history reads position 0
+        # Only the read-out position is needed: keep the batch's columns up to the longest history.
+        width = max(int(last.max()) + 1, 1) if len(last) else 1
+        x = self.encode_positions(history[:, :width], users, table)
+        return x[torch.arange(len(history), device=x.device), last]
 
     # ------------------------------------------------------------------ training
 
     def forward(self, history: torch.Tensor, users: torch.Tensor | None, targets: torch.Tensor,
                 loss: str = "full", log_q: torch.Tensor | None = None) -> torch.Tensor:
-        """Training loss of a batch.
+        """Training loss of a batch of windows: history [B, L], targets [B, L] where targets[b, j]
+        is the item after history[b, :j+1] (0 = no example at that position).
 
         ``loss="full"`` is a softmax over the whole catalog; ``"in_batch"`` a sampled softmax whose
         negatives are the other targets of the batch, corrected by ``log_q`` (log sampling
         probability per item id) when given.
         """
-        queries = self.encode_queries(history, users)
+        has_target = targets != 0
+        targets = targets[has_target]
         if loss == "full":
-            items = self.score_vectors(self.item_table())
-            return losses.full_softmax_loss(queries, items, targets, scale=self.scale())
+            table = self.item_table()  # every item once: inputs and candidates share it
+            queries = self.encode_positions(history, users, table=table)[has_target]  # [M, dim]
+            return losses.full_softmax_loss(queries, self.score_vectors(table), targets, scale=self.scale())
         if loss == "in_batch":
+            queries = self.encode_positions(history, users)[has_target]
             items = self.score_vectors(self.item_repr(targets))
             return losses.in_batch_softmax_loss(queries, items, targets, log_q=log_q, scale=self.scale())
         raise ValueError(f"loss must be 'full' or 'in_batch', got {loss!r}")
 
 
 def pad_histories(histories: list[np.ndarray], max_history: int) -> np.ndarray:
-    """Right-aligned [B, max_history] int64 matrix of the last ``max_history`` items (0 = padding)."""
+    """Left-aligned [B, max_history] int64 matrix of the last ``max_history`` items, 0-padded after."""
     out = np.zeros((len(histories), max_history), dtype=np.int64)
     for row, items in enumerate(histories):
         items = np.asarray(items, dtype=np.int64)[-max_history:]
-        if len(items):
-            out[row, max_history - len(items):] = items
+        out[row, :len(items)] = items
     return out
 
 
@@ -189,11 +201,42 @@ def pad_examples(offsets: np.ndarray, flat: np.ndarray, max_history: int) -> np.
     lengths = np.minimum(np.diff(offsets), max_history)
     out = np.zeros((len(lengths), max_history), dtype=np.int64)
     rows = np.repeat(np.arange(len(lengths)), lengths)
-    # k-th kept item of row r: flat[offsets[r+1] - lengths[r] + k] -> column max_history - lengths[r] + k
     within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    src = np.repeat(offsets[1:] - lengths, lengths) + within
-    out[rows, np.repeat(max_history - lengths, lengths) + within] = flat[src]
+    out[rows, within] = flat[np.repeat(offsets[1:] - lengths, lengths) + within]
     return out
+
+
+def training_windows(parts: list[np.ndarray], max_history: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Windows covering every (prefix -> next item) example of each user's training part once.
+
+    Returns (histories [W, L], targets [W, L], part index [W]). A part of m items has m - 1
+    examples; if m - 1 <= L one window holds them all with their full history. Longer parts are cut
+    into windows of L items that overlap by L // 2; a target is counted only in the first window
+    that holds it, so each example keeps at least L // 2 items of history (at most L, as
+    ``build_examples(max_history=L)`` keeps), and no example is counted twice.
+    """
+    length = max_history
+    histories, targets, owners = [], [], []
+    for owner, part in enumerate(parts):
+        m = len(part)
+        covered = 0  # examples (target indices 1..covered) already emitted
+        start = 0
+        while covered < m - 1:
+            start = max(0, min(start, m - 1 - length))
+            end = min(start + length, m - 1)  # inputs part[start:end] -> targets part[start+1:end+1]
+            h = np.zeros(length, dtype=np.int64)
+            t = np.zeros(length, dtype=np.int64)
+            h[: end - start] = part[start:end]
+            t[: end - start] = part[start + 1:end + 1]
+            t[: max(0, covered - start)] = 0  # targets an earlier window already counted
+            histories.append(h)
+            targets.append(t)
+            owners.append(owner)
+            covered = end
+            start = end - length // 2
+    if not histories:
+        return (np.zeros((0, length), np.int64), np.zeros((0, length), np.int64), np.zeros(0, np.int64))
+    return np.stack(histories), np.stack(targets), np.asarray(owners, dtype=np.int64)
 
 
 def text_matrix(item_ids: np.ndarray, vectors: np.ndarray, num_items: int) -> torch.Tensor:

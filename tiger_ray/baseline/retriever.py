@@ -7,7 +7,9 @@ are precomputed in model.pt's item table and in the index.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +27,27 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.json"
+_threads_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """Run a block with ``threads`` torch intra-op threads (0 = leave as is), then restore.
+
+    Why: a query-tower forward is tiny, and an intra-op team larger than the CPU share spin-waits.
+    Measured on the shared 2-core machine (Beauty model): one query 0.6 ms with 1 thread vs
+    30-190 ms with 2; a batch of 256 39 ms vs 400 ms. The setting is process-wide, hence the lock.
+    """
+    if threads <= 0 or threads == torch.get_num_threads():
+        yield
+        return
+    with _threads_lock:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
 
 
 def index_dir(run: RunDir, index_type: str) -> Path:
@@ -40,12 +63,14 @@ def default_index_type(run: RunDir) -> str:
 
 
 def load_model(run: RunDir, device: str | torch.device = "cpu") -> tuple[DualEncoder, torch.Tensor, np.ndarray]:
-    """(model in eval mode, item table [N+1, dim], training user ids) from RUN/baseline/model.pt."""
+    """(model in eval mode, item table [N+1, dim], training user ids) from RUN/baseline/model.pt.
+    ``model.model_id`` identifies the export (indexes record the one they were built from)."""
     path = run.require(run.baseline / MODEL_FILE, "tiger train-baseline")
     payload = torch.load(path, map_location=device, weights_only=True)
     model = DualEncoder(DualEncoderConfig(**payload["config"])).to(device)
     model.load_state_dict(payload["model"])
     model.eval()
+    model.model_id = payload.get("model_id")
     return model, payload["item_table"].to(device), payload["user_ids"].cpu().numpy()
 
 
@@ -55,8 +80,9 @@ class AnnRetriever:
     name = "ann"
 
     def __init__(self, model: DualEncoder, item_table: torch.Tensor, index: AnnIndex | None,
-                 user_ids: np.ndarray, device: str | torch.device = "cpu"):
+                 user_ids: np.ndarray, device: str | torch.device = "cpu", threads: int = 1):
         self.model = model
+        self.threads = threads  # torch threads while encoding queries (0 = torch's setting)
         self.table = item_table
         self.index = index
         self.device = torch.device(device)
@@ -85,7 +111,7 @@ class AnnRetriever:
         users = None
         if self.model.user is not None and user_ids is not None:
             users = torch.from_numpy(self.user_index(user_ids)).to(self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), torch_threads(self.threads if self.device.type == "cpu" else 0):
             return self.model.encode_queries(history, users, table=self.table).float().cpu().numpy()
 
     def recommend(self, histories: list[np.ndarray], user_ids: np.ndarray, k: int) -> Recommendations:
@@ -100,19 +126,24 @@ class AnnRetriever:
 
 def load_retriever(run: RunDir, index_type: str | None = None, gpu_index: bool = False,
                    hnsw_ef_search: int | None = None, ivf_nprobe: int | None = None,
-                   device: str = "cpu") -> AnnRetriever:
+                   device: str = "cpu", threads: int = 1) -> AnnRetriever:
     """The trained dual encoder with its FAISS index (default: the type chosen at training).
 
-    ``hnsw_ef_search`` / ``ivf_nprobe`` override the saved search-time parameters.
+    ``hnsw_ef_search`` / ``ivf_nprobe`` override the saved search-time parameters; ``threads`` is
+    the torch intra-op threads used to encode queries on CPU (1: best latency per request, scale
+    out with replicas; 0: leave torch's process-wide setting).
     """
     model, table, user_ids = load_model(run, device)
     index_type = index_type or default_index_type(run)
     path = index_dir(run, index_type)
     index = AnnIndex.load(path, gpu_index=gpu_index, hnsw_ef_search=hnsw_ef_search, ivf_nprobe=ivf_nprobe)
-    if index.ntotal != model.config.num_items:
-        raise ValueError(f"{path}: index holds {index.ntotal} items but the model has "
-                         f"{model.config.num_items}; rebuild it with `tiger baseline-index --run {run.root}`")
-    return AnnRetriever(model, table, index, user_ids, device)
+    built_for = atomic.read_json(path / ann_index.META_FILE).get("model_id")
+    if index.ntotal != model.config.num_items or built_for != model.model_id:
+        raise ValueError(f"{path} was built for another model than {run.baseline / MODEL_FILE} "
+                         f"({index.ntotal} items, model id {built_for} vs {model.config.num_items} items, "
+                         f"{model.model_id}); rebuild it with `tiger baseline-index --run {run.root} "
+                         f"--index-type {index_type}`")
+    return AnnRetriever(model, table, index, user_ids, device, threads=threads)
 
 
 # ---------------------------------------------------------------- building and measuring indexes
@@ -137,9 +168,13 @@ def split_queries(run: RunDir, encoder: AnnRetriever, split: str, limit: int) ->
 
 
 def build_run_index(run: RunDir, config: IndexConfig, measure_split: str = "valid",
-                    measure_queries: int = 5000, k: int = 10) -> dict:
+                    measure_queries: int = 5000, k: int = 10, eval_splits: tuple[str, ...] = ()) -> dict:
     """Build the ``config.index_type`` index over the exported model's item vectors, measure its
-    recall@k against exact search on real queries, and save it as RUN/baseline/index-<type>/."""
+    recall@k against exact search on real queries, and save it as RUN/baseline/index-<type>/.
+
+    ``eval_splits`` also runs the shared evaluation (Recall/NDCG@5/10) through this index on those
+    splits, without writing RUN/eval/ (that is `tiger evaluate`'s), to see what the ANN error costs.
+    """
     model, table, user_ids = load_model(run)
     ids, vectors = item_vectors(model, table)
     index = AnnIndex.build(vectors, ids, config)
@@ -151,8 +186,17 @@ def build_run_index(run: RunDir, config: IndexConfig, measure_split: str = "vali
              "%.4f ms/query batched (%.1fs)", config.index_type, k, measured[f"ann_recall@{k}"],
              len(queries), measure_split, measured["single_query_ms"], measured["batched_ms_per_query"],
              time.perf_counter() - start)
+    evaluation = {}
+    for split in eval_splits:
+        from tiger_ray.evaluation.retrieval import evaluate_retriever
+
+        result = evaluate_retriever(encoder, run, split, k=k, write=False)
+        evaluation[split] = {key: result[key] for key in ("recall@5", "ndcg@5", "recall@10", "ndcg@10")}
+        log.info("%s index, %s split: %s", config.index_type, split,
+                 "  ".join(f"{key} {v:.4f}" for key, v in evaluation[split].items()))
+    extra = {"model_id": model.model_id, "measured_on": measure_split, **measured,
+             **({"evaluation": evaluation} if evaluation else {})}
     path = index_dir(run, config.index_type)
-    index.save(path, extra={"measured_on": measure_split, **measured})
+    index.save(path, extra=extra)
     return {"index_type": config.index_type, "params": config.params(), "path": str(path),
-            "bytes": index.nbytes(), "bytes_per_item": index.nbytes() / max(index.ntotal, 1),
-            "measured_on": measure_split, **measured}
+            "bytes": index.nbytes(), "bytes_per_item": index.nbytes() / max(index.ntotal, 1), **extra}

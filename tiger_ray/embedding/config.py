@@ -20,8 +20,8 @@ class EmbedConfig:
         "help": "items per output shard: the unit of work an actor takes and a re-run skips once written"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per encoder actor (cuda device)"})
     cpus_per_worker: float = field(default=0.5, metadata={
-        "help": "CPUs Ray reserves per actor; below 1 so the Parquet read tasks still fit beside them"})
-    threads_per_worker: int = field(default=1, metadata={"help": "torch intra-op threads per actor"})
+        "help": "CPUs Ray reserves per CPU actor; below 1 so the Parquet read tasks still fit beside them"})
+    threads_per_worker: int = field(default=1, metadata={"help": "torch intra-op threads per CPU actor"})
     allow_download: bool = field(default=False, metadata={
         "help": "let actors fetch a Hub model missing from the local cache (one attempt, no retries)"})
 
@@ -41,5 +41,5 @@ PRESETS: dict[str, dict] = {
     "cpu": dict(workers=2, batch_size=64, shard_size=1024, cpus_per_worker=0.5, threads_per_worker=1),
     # The paper: sentence-T5-base (768-d) on a GPU cluster, one actor per GPU.
     "paper": dict(model="sentence-transformers/sentence-t5-base", use_gpu=True, workers=0,
-                  batch_size=256, shard_size=16384, cpus_per_worker=1.0, threads_per_worker=2),
+                  batch_size=256, shard_size=16384),
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -40,6 +41,10 @@ def source_key(items: Path, config: EmbedConfig) -> dict:
             "items_sha256": file_sha256(items)}
 
 
+class ShardEncoderError(RuntimeError):
+    """An encoder actor could not encode a batch (raised inside the actor)."""
+
+
 class ShardEncoder:
     """Ray Data actor: loads the encoder once, then turns each batch of items into one shard file."""
 
@@ -56,7 +61,12 @@ class ShardEncoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
         ids = np.asarray(batch["item_id"], dtype=np.int64)
-        vectors = encode(self.encoder, [str(t) for t in batch["text"]], self.batch_size, self.normalize)
+        try:
+            vectors = encode(self.encoder, [str(t) for t in batch["text"]], self.batch_size, self.normalize)
+        except Exception as err:  # name the items, so the bad input can be found
+            raise ShardEncoderError(
+                f"encoding the {len(ids)} items with item_id {ids.min()}..{ids.max()} with "
+                f"{self.key['model']} failed: {type(err).__name__}: {err}") from err
         alias_ids, source = self.aliases.expand(ids)  # same text: an exact copy of the vector
         name = write_shard(self.directory, np.concatenate([ids, alias_ids]),
                            np.concatenate([vectors, vectors[source]]), self.key)
@@ -97,7 +107,7 @@ def _worker_resources(config: EmbedConfig) -> tuple[int, dict]:
         if gpus < 1 or workers > gpus:
             raise ValueError(f"--use-gpu with {workers or 'one per GPU'} encoder actors, but the Ray "
                              f"cluster has {gpus} GPUs; lower --workers or run without --use-gpu")
-        return workers, {"num_gpus": 1, "num_cpus": config.cpus_per_worker}
+        return workers, {"num_gpus": 1}  # Ray Data: num_cpus beside num_gpus is experimental
     cpus = float(cluster.get("CPU", 0))
     if config.workers * config.cpus_per_worker > cpus:
         raise ValueError(f"{config.workers} encoder actors x {config.cpus_per_worker} CPUs do not fit "
@@ -111,6 +121,8 @@ def _encode_pending(run: RunDir, config: EmbedConfig, key: dict, skip: IdRanges,
     from tqdm.auto import tqdm
 
     workers, resources = _worker_resources(config)
+    # No more actors than shards: each one costs a process, torch imports and a model load.
+    workers = max(1, min(workers, -(-(total - len(aliases.alias)) // config.shard_size)))
     with _quiet_ray_data():  # a Dataset keeps the DataContext it was created with
         ds = _pipeline(run, config, key, skip, aliases, workers, resources)
     shards: list[dict] = []
@@ -125,17 +137,25 @@ def _encode_pending(run: RunDir, config: EmbedConfig, key: dict, skip: IdRanges,
             for path in run.embeddings.glob(".part-*.tmp-*"):
                 path.unlink(missing_ok=True)
             raise RuntimeError(
-                f"embedding failed: the encoder actors failed ({_root_cause(err)}). The {len(shards)} "
-                f"shards finished in this run are complete and kept; re-run `tiger embed --run "
-                f"{run.root}` to resume once the cause is fixed") from err
+                f"embedding failed, the encoder actors failed: {_root_cause(err).rstrip('.')}. Shards finished "
+                f"before the failure are complete and kept; once the cause is fixed, re-run `tiger "
+                f"embed --run {run.root}` to encode the rest") from err
     return shards
 
 
 def _root_cause(err: BaseException) -> str:
-    while err.__cause__ is not None:
-        err = err.__cause__
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[-1] if lines else ''}"
+    """The actor's own error message, dug out of Ray's wrappers (their text holds the traceback)."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = getattr(err, "cause", None) or err.__cause__
+    errors = [m.groups() for e in chain for m in re.finditer(
+        r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", str(e), re.MULTILINE)]
+    ours = [msg for name, msg in errors if name in ("ShardEncoderError", "EncoderLoadError")]
+    if ours:
+        return ours[-1]
+    return ": ".join(errors[-1]) if errors else f"{type(chain[-1]).__name__}: {chain[-1]}"
 
 
 def _pipeline(run: RunDir, config: EmbedConfig, key: dict, skip: IdRanges, aliases: AliasMap,
@@ -202,11 +222,10 @@ def run_embed(run: RunDir, config: EmbedConfig) -> dict:
         for path in untrusted:
             log.info("removing %s (not a complete shard of %s)", path.name, key["model"])
             path.unlink(missing_ok=True)
-    if untrusted and trusted:
-        log.info("keeping %d complete shards (%d items) from an earlier run", len(trusted), len(done))
-
     shards: list[dict] = []
     pending = total - len(done)
+    if pending and trusted:
+        log.info("keeping %d complete shards (%d items) from an earlier run", len(trusted), len(done))
     if pending:
         aliases = groups.aliases
         skip = IdRanges.from_ids(np.concatenate([done, aliases.alias]))
@@ -219,7 +238,8 @@ def run_embed(run: RunDir, config: EmbedConfig) -> dict:
         files = sorted(files + [s["file"] for s in shards])
         written = sum(s["items"] for s in shards)
         if written != pending:
-            raise RuntimeError(f"{directory}: {pending} items to embed, the encoder actors wrote {written}")
+            raise RuntimeError(f"{directory}: {pending} items to embed, the encoder actors wrote "
+                               f"{written}; re-run `tiger embed` to repair (overlapping shards are dropped)")
     dims = {s["dim"] for s in shards} | {s.dim for s in trusted}
     if len(dims) != 1:
         raise RuntimeError(f"{directory}: shards of different dimensions {sorted(dims)}")

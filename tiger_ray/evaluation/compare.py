@@ -2,7 +2,7 @@
 
     tiger compare --run runs/beauty
 
-Writes RUN/compare/compare.json and compare.md with, per model:
+Writes RUN/compare/comparison.json, comparison.md and comparison.png with, per model:
   quality        Recall/NDCG@5/10 from RUN/eval/<model>/<split>/metrics.json (`tiger evaluate`)
   latency        measured here and now through the model's ``load_retriever``: batch-1 requests
                  (p50/p95/mean ms) and batched requests (ms per query, queries/s)
@@ -39,9 +39,19 @@ class CompareConfig:
     batch_size: int = field(default=256, metadata={"help": "queries per batched request"})
     batched_queries: int = field(default=1024, metadata={"help": "queries timed in batched requests"})
     warmup: int = field(default=3, metadata={"help": "untimed requests before timing"})
+    threads: int = field(default=1, metadata={
+        "help": "torch intra-op threads while timing both models (0 = torch's default); 1 is what a "
+                "serving replica per core uses, and larger teams spin-wait on a busy machine"})
     ann_index_type: str | None = field(default=None, metadata={
         "help": "dual encoder: FAISS index to time (default: the one trained)"})
     tiger_beam_size: int | None = field(default=None, metadata={"help": "TIGER: beam size (default: its loader's)"})
+
+
+PRESETS: dict[str, dict] = {
+    "tiny": {"single_queries": 5, "batched_queries": 64, "batch_size": 32, "warmup": 1},
+    "cpu": {},
+    "paper": {"single_queries": 500, "batched_queries": 8192},
+}
 
 
 # ---------------------------------------------------------------- the measurements
@@ -169,7 +179,10 @@ def compare_model(run: RunDir, model: str, histories, user_ids, config: CompareC
     if retriever is not None:
         log.info("compare: timing %s (%d single requests, %d batched queries)", model,
                  min(config.single_queries, len(histories)), min(config.batched_queries, len(histories)))
-        row["latency"] = latency(retriever, histories, user_ids, config)
+        from tiger_ray.baseline.retriever import torch_threads
+
+        with torch_threads(config.threads):
+            row["latency"] = latency(retriever, histories, user_ids, config)
     try:
         sizer = {"tiger": tiger_index_bytes, "ann": ann_index_bytes}.get(model)
         if sizer is not None:
@@ -180,21 +193,22 @@ def compare_model(run: RunDir, model: str, histories, user_ids, config: CompareC
 
 
 def run_compare(run: RunDir, config: CompareConfig) -> dict:
-    """Measure every model of ``config.models`` and write RUN/compare/compare.{json,md}."""
+    """Measure every model of ``config.models`` and write RUN/compare/comparison.{json,md}."""
     import torch
 
     n = max(config.single_queries + config.warmup, config.batched_queries)
     histories, user_ids = query_set(run, config.split, n)
     result = {
         "run": str(run.root), "split": config.split, "config": asdict(config),
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "machine": {"cpus": os.cpu_count(), "torch_threads": config.threads or torch.get_num_threads(),
                     "load_average_1m": os.getloadavg()[0], "cuda": torch.cuda.is_available()},
         "models": [compare_model(run, m, histories, user_ids, config) for m in config.models],
     }
     result["machine"]["load_average_1m_after"] = os.getloadavg()[0]
     result["markdown"] = format_markdown(result, dataset_of(run))
-    atomic.write_json(run.compare / "compare.json", result)
-    atomic.write_text(run.compare / "compare.md", result["markdown"])
+    atomic.write_json(run.compare / "comparison.json", result)
+    atomic.write_text(run.compare / "comparison.md", result["markdown"])
+    plot_comparison(result, run.compare / "comparison.png", dataset_of(run))
     return result
 
 
@@ -250,6 +264,44 @@ def format_markdown(result: dict, dataset: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_comparison(result: dict, path, dataset: str | None = None) -> None:
+    """Two panels: test Recall/NDCG@10 (with the paper's rows) and batch-1 / batched latency."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from tiger_ray.evaluation.metrics import PAPER_KEYS, PAPER_TABLE1
+
+    split = result["split"]
+    rows = [(r["label"], [r["quality"].get(split, {}).get(k, 0.0) for k in ("recall@10", "ndcg@10")])
+            for r in result["models"]]
+    for name, values in PAPER_TABLE1.get((dataset or "").lower(), {}).items():
+        rows.append((f"paper {name}", [values[PAPER_KEYS.index(k)] for k in ("recall@10", "ndcg@10")]))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    x = np.arange(2)
+    width = 0.8 / max(len(rows), 1)
+    for i, (label, values) in enumerate(rows):
+        left.bar(x + i * width, values, width, label=label)
+    left.set_xticks(x + width * (len(rows) - 1) / 2, ["Recall@10", "NDCG@10"])
+    left.set_title(f"{split} quality ({dataset or 'run'})")
+    left.legend(fontsize=8)
+    timed = [r for r in result["models"] if "latency" in r]
+    for i, key in enumerate(("single_p50_ms", "batched_ms_per_query")):
+        right.bar(np.arange(len(timed)) + i * 0.4, [r["latency"][key] for r in timed], 0.4,
+                  label={"single_p50_ms": "batch 1 (p50)", "batched_ms_per_query": "batched, per query"}[key])
+    right.set_xticks(np.arange(len(timed)) + 0.2, [r["label"] for r in timed], fontsize=8)
+    right.set_yscale("log")
+    right.set_ylabel("ms per query")
+    right.set_title("latency on this machine")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------- CLI
 
 def register(subparsers) -> None:
@@ -257,15 +309,17 @@ def register(subparsers) -> None:
         "compare", help="table of TIGER vs the dual-encoder baseline: quality, latency, index size, "
         "training time",
         description="Read both models' saved metrics and training summaries, time both retrievers "
-        "on the same histories (batch 1 and batched), and write RUN/compare/compare.md and .json.")
+        "on the same histories (batch 1 and batched), and write RUN/compare/comparison.md and .json.")
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="how many requests to time: tiny (tests), cpu, paper")
     add_config_args(p, CompareConfig)
     p.set_defaults(func=_compare)
 
 
 def _compare(args: argparse.Namespace) -> int:
     run = RunDir(args.run)
-    result = run_compare(run, build_config(CompareConfig, args))
+    result = run_compare(run, build_config(CompareConfig, args, PRESETS[args.preset]))
     print(result["markdown"])
-    print(f"wrote {run.compare / 'compare.md'}, compare.json")
+    print(f"wrote {run.compare / 'comparison.md'}, comparison.json")
     return 0

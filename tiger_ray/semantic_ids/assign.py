@@ -34,7 +34,7 @@ class CodeAssigner:
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        x = np.ascontiguousarray(batch["embedding"], dtype=np.float32)
+        x = np.array(batch["embedding"], dtype=np.float32)  # a writable copy for torch
         codes, err = self.model.encode(torch.from_numpy(x).to(self.device))
         codes, err = codes.cpu().numpy(), err.cpu().numpy()
         out = {"item_id": np.asarray(batch["item_id"], dtype=np.int64),

@@ -149,6 +149,8 @@ def train_rqvae(run: RunDir, config: RQVAEConfig) -> dict:
     manifest = Manifest.read(run.require(run.embeddings / MANIFEST, "tiger embed").parent)
     if manifest.count < 1:
         raise ValueError(f"{run.embeddings / MANIFEST}: no embeddings to train on")
+    if not config.fresh:
+        _check_previous_run(run, config, manifest.dim)
     resources = distributed.TrainerResources(workers=config.workers, use_gpu=config.use_gpu,
                                              cpus_per_worker=config.cpus_per_worker)
     result = distributed.fit(
@@ -165,6 +167,18 @@ def train_rqvae(run: RunDir, config: RQVAEConfig) -> dict:
         from pathlib import Path
 
         return torch.load(Path(directory) / distributed.STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _check_previous_run(run: RunDir, config: RQVAEConfig, input_dim: int) -> None:
+    """On the driver, before Ray Train would resume (and retry) a checkpoint that cannot fit."""
+    import torch
+
+    from tiger_ray.semantic_ids.trainer import check_resumable
+
+    directory = distributed.latest_checkpoint_dir(run.semantic_ids / "train", TRAIN_NAME)
+    if directory is not None:
+        state = torch.load(directory / distributed.STATE_FILE, map_location="cpu", weights_only=True)
+        check_resumable(state, config, input_dim, where=str(directory))
 
 
 def export_model(run: RunDir, config: RQVAEConfig, state: dict, input_dim: int) -> None:

@@ -127,12 +127,7 @@ class RQVAETrainer:
                 "config": asdict(self.config)}
 
     def load_state_dict(self, state: dict) -> None:
-        saved = state.get("config", {})
-        changed = [f for f in ARCHITECTURE_FIELDS
-                   if f in saved and tuple(np.atleast_1d(saved[f])) != tuple(np.atleast_1d(getattr(self.config, f)))]
-        if changed:
-            raise ValueError(f"checkpoint was trained with different {', '.join(changed)} "
-                             f"({', '.join(f'{f}={saved[f]}' for f in changed)}); pass --fresh to start over")
+        check_resumable(state, self.config, self.model.input_dim)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.unused_epochs = state["unused_epochs"].clone()
@@ -252,6 +247,20 @@ class RQVAETrainer:
         return moved
 
 
+def check_resumable(state: dict, config: RQVAEConfig, input_dim: int, where: str = "checkpoint") -> None:
+    """Fail clearly when a checkpoint cannot continue under ``config`` (another model shape)."""
+    saved = state.get("config", {})
+    changed = [f for f in ARCHITECTURE_FIELDS
+               if f in saved and tuple(np.atleast_1d(saved[f])) != tuple(np.atleast_1d(getattr(config, f)))]
+    problems = [f"{f}={saved[f]}" for f in changed]
+    saved_dim = state["model"]["encoder.0.weight"].shape[1]
+    if saved_dim != input_dim:
+        problems.append(f"embedding dim {saved_dim} (now {input_dim})")
+    if problems:
+        raise ValueError(f"{where} was trained with {', '.join(problems)}; "
+                         "pass --fresh to discard it and start over")
+
+
 def format_metrics(metrics: dict[str, float], config: RQVAEConfig) -> str:
     """One log line per epoch."""
     levels = range(config.num_levels)
@@ -268,7 +277,7 @@ def fit_local(vectors: np.ndarray | torch.Tensor, config: RQVAEConfig, state: di
               on_epoch: Callable[[dict, RQVAETrainer], None] | None = None,
               device: str | torch.device = "cpu") -> RQVAETrainer:
     """Train in this process (no Ray) on an in-memory [N, D] matrix; resumes from ``state``."""
-    x_all = torch.as_tensor(np.asarray(vectors), dtype=torch.float32)
+    x_all = torch.tensor(np.asarray(vectors, dtype=np.float32))  # a copy: the input may be read-only
     torch.manual_seed(config.seed)
     model = RQVAE(config, x_all.shape[1]).to(device)
     trainer = RQVAETrainer(model, config)

@@ -8,9 +8,10 @@ d_model 128, MLP 1024, ReLU, dropout 0.1). Design choices, all for speed and sim
 - attention projects d_model -> heads x head_dim -> d_model (6 x 64 = 384 != 128 in the paper);
 - learned absolute positions; encoder positions count back from the newest token, so "the last
   item" has the same position whatever the history length or the padding side;
-- the cross-attention keys/values of the encoder output can be computed once per user
-  (``memory_kv``) and shared by all beams: beams are folded into the query axis of the
-  cross-attention, so nothing is copied per beam.
+- decoding (``decode_step``): the cross-attention keys/values of the encoder output are computed
+  once per user (``memory_kv``) and shared by all beams, which are folded into the query axis of
+  the cross-attention, so nothing is copied per beam; self-attention keeps a k/v cache, so each
+  step runs one new token per beam.
 """
 
 from __future__ import annotations
@@ -191,9 +192,9 @@ class TigerSeq2Seq(nn.Module):
 
     # ---- decoder -----------------------------------------------------------------------------
     def decode(self, memory: torch.Tensor, source_pad: torch.Tensor, target_in: torch.Tensor,
-               memory_kv: list | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, V] for target_in [B, T], or [B, K, T, V] for K sequences per source row
-        [B, K, T]. ``last_only`` returns just the last position (one step of decoding)."""
+               memory_kv: list | None = None) -> torch.Tensor:
+        """Logits [B, T, V] for target_in [B, T] (teacher forcing), or [B, K, T, V] for K
+        sequences per source row [B, K, T] (e.g. scoring candidate IDs)."""
         beams = target_in.dim() == 3
         if not beams:
             target_in = target_in[:, None, :]
@@ -206,8 +207,6 @@ class TigerSeq2Seq(nn.Module):
         mask = (~source_pad)[:, None, None, :]
         for layer, kv in zip(self.decoder, memory_kv):
             x, _ = layer(x, kv, mask)
-        if last_only:
-            x = x[:, :, -1:]
         logits = self.lm_head(self.decoder_norm(x))
         return logits if beams else logits[:, 0]
 

@@ -187,6 +187,32 @@ def write_outputs(run: RunDir, config: Seq2SeqTrainConfig, state: dict, tokenize
     return summary
 
 
+def check_resumable(storage_dir: Path, config: Seq2SeqTrainConfig, tokenizer) -> int | None:
+    """Step of the checkpoint a run would resume from (None if it starts fresh); ValueError if
+    that checkpoint holds another model shape or was trained on other Semantic IDs."""
+    import dataclasses
+
+    import torch
+
+    from tiger_ray.distributed import STATE_FILE, latest_checkpoint_dir
+    from tiger_ray.seq2seq.train import model_config
+
+    latest = None if config.fresh else latest_checkpoint_dir(storage_dir, TRIAL_NAME)
+    if latest is None:
+        return None
+    state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=True)
+    wanted = dataclasses.asdict(model_config(config, tokenizer))
+    if state.get("model_config") != wanted:
+        changed = sorted(k for k in wanted if (state.get("model_config") or {}).get(k) != wanted[k])
+        raise ValueError(f"{latest}: the run to resume has a different model ({', '.join(changed)}); "
+                         f"pass --fresh to start over")
+    saved = (state.get("tokenizer") or {}).get("fingerprint")
+    if saved != tokenizer.state()["fingerprint"]:
+        raise ValueError(f"{latest}: the run to resume was trained on other Semantic IDs or "
+                         f"tokenizer settings; pass --fresh to start over")
+    return int(state["progress"]["step"])
+
+
 def run_train_seq2seq(run: RunDir, config: Seq2SeqTrainConfig) -> dict:
     """Train the seq2seq model of ``run`` on Ray Train; returns the summary (also summary.json)."""
     import ray
@@ -200,6 +226,10 @@ def run_train_seq2seq(run: RunDir, config: Seq2SeqTrainConfig) -> dict:
     log.info("train-seq2seq: %d training examples, %d validation users, vocabulary %d, "
              "%d workers%s", len(payload["train"]["targets"]), len(payload["valid"]["targets"]),
              tokenizer.vocab_size, config.workers, " (GPU)" if config.use_gpu else "")
+    resume_step = check_resumable(run.seq2seq / RAY_STORAGE, config, tokenizer)
+    if resume_step is not None:
+        log.info("train-seq2seq: resuming from the checkpoint at step %d (--fresh to start over)",
+                 resume_step)
     resources = TrainerResources(workers=config.workers, use_gpu=config.use_gpu,
                                  cpus_per_worker=config.cpus_per_worker)
     with ray_session():

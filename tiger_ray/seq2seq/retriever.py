@@ -28,12 +28,20 @@ class TigerRetriever:
 
     def __init__(self, model: TigerSeq2Seq, tokenizer: SemanticIdTokenizer,
                  trie: SemanticIdTrie | None = None, beam_size: int = 20, temperature: float = 0.0,
-                 device: str | torch.device = "cpu", chunk_size: int = 256, seed: int = 0):
+                 device: str | torch.device = "cpu", chunk_size: int = 64, seed: int = 0,
+                 precision: str = "fp32"):
         """``trie`` defaults to every item of the tokenizer's table; pass a smaller one to restrict
         the candidates (e.g. without cold-start items). Users are decoded ``chunk_size`` at a time,
-        sorted by history length so chunks carry little padding."""
+        sorted by history length so chunks carry little padding. ``precision="bf16"`` runs the
+        matmuls in bfloat16 (autocast; about 2x faster on CPUs with AVX512-BF16/AMX and on GPUs);
+        scores are still accumulated in float32."""
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        self.precision = precision
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -57,10 +65,11 @@ class TigerRetriever:
         for lo in range(0, B, self.chunk_size):
             rows = order[lo:lo + self.chunk_size]
             source, pad = self.tokenizer.encode_batch([histories[r] for r in rows], user_ids[rows])
-            result = beam_search(self.model, self.trie, self.tokenizer.offsets,
-                                 torch.from_numpy(source).to(self.device),
-                                 torch.from_numpy(pad).to(self.device),
-                                 beam_size=width, temperature=temperature, generator=self.generator)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                result = beam_search(self.model, self.trie, self.tokenizer.offsets,
+                                     torch.from_numpy(source).to(self.device),
+                                     torch.from_numpy(pad).to(self.device),
+                                     beam_size=width, temperature=temperature, generator=self.generator)
             items[rows] = result.items.cpu().numpy()
             tokens[rows] = result.tokens.cpu().numpy()
             scores[rows] = result.scores.cpu().numpy()
@@ -85,7 +94,7 @@ def model_dir(run: RunDir) -> Path:
 
 
 def load_retriever(run: RunDir, beam_size: int = 20, temperature: float = 0.0,
-                   device: str = "cpu", chunk_size: int = 256, seed: int = 0,
+                   device: str = "cpu", chunk_size: int = 64, seed: int = 0, precision: str = "fp32",
                    directory: str | Path | None = None) -> TigerRetriever:
     """The best checkpoint of ``tiger train-seq2seq`` (RUN/seq2seq/best, or ``directory``)."""
     directory = Path(directory) if directory is not None else model_dir(run)
@@ -96,4 +105,4 @@ def load_retriever(run: RunDir, beam_size: int = 20, temperature: float = 0.0,
         raise ValueError(f"device {device!r} requested but CUDA is not available")
     model, tokenizer = load_model(directory, map_location=device)
     return TigerRetriever(model, tokenizer, beam_size=beam_size, temperature=temperature,
-                          device=device, chunk_size=chunk_size, seed=seed)
+                          device=device, chunk_size=chunk_size, seed=seed, precision=precision)

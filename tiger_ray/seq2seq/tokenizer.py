@@ -58,7 +58,8 @@ class SemanticIdTokenizer:
         self.codebook_sizes = tuple(int(s) for s in semantic_ids.codebook_sizes)
         self.tokens_per_item = len(self.codebook_sizes)
         self.pad_id, self.bos_id, self.eos_id = PAD, BOS, EOS
-        self.offsets = NUM_SPECIAL + np.concatenate([[0], np.cumsum(self.codebook_sizes)[:-1]]).astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(self.codebook_sizes)[:-1]])
+        self.offsets = (NUM_SPECIAL + starts).astype(np.int64)  # vocab id of code 0, per position
         self.user_offset = NUM_SPECIAL + int(sum(self.codebook_sizes))
         self.vocab_size = self.user_offset + (self.num_user_buckets if self.use_user_token else 0)
         self.max_source_len = int(self.use_user_token) + self.tokens_per_item * self.max_history

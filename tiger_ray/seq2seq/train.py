@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
@@ -204,9 +204,25 @@ class Seq2SeqTrainer:
         torch_dist.all_reduce(t)
         return t.tolist()
 
+    def _rng_state(self) -> torch.Tensor:
+        """This rank's dropout RNG: the CPU generator, plus the GPU's when training on one."""
+        parts = [torch.get_rng_state()]
+        if self.device.type == "cuda":
+            parts.append(torch.cuda.get_rng_state(self.device))
+        return torch.cat(parts)
+
+    def _set_rng_state(self, state: torch.Tensor) -> None:
+        # clone(): set_rng_state reads the storage from its start and segfaults on a row view
+        # with a storage offset (PyTorch 2.13).
+        state = state.to(torch.uint8).clone()
+        n_cpu = torch.get_rng_state().numel()
+        torch.set_rng_state(state[:n_cpu].clone())
+        if self.device.type == "cuda" and state.numel() > n_cpu:
+            torch.cuda.set_rng_state(state[n_cpu:].clone(), self.device)
+
     def _gather_rng(self) -> torch.Tensor:
-        """[world_size, n] every rank's torch RNG state (dropout), so a resume continues it."""
-        mine = torch.get_rng_state()
+        """[world_size, n] every rank's RNG state (dropout), so a resume continues it exactly."""
+        mine = self._rng_state()
         if not self._distributed:
             return mine[None]
         parts = [torch.empty_like(mine, device=self.device) for _ in range(self.world_size)]
@@ -224,6 +240,9 @@ class Seq2SeqTrainer:
             "best_model": self.best_model,
             "rng": rng,
             "world_size": self.world_size,
+            # what the weights fit: a resume with another model shape or other Semantic IDs fails
+            "model_config": asdict(self.model.config),
+            "tokenizer": self.tokenizer.state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -235,7 +254,7 @@ class Seq2SeqTrainer:
         self.best_model = state.get("best_model")
         rng = state.get("rng")
         if rng is not None and state.get("world_size") == self.world_size:
-            torch.set_rng_state(rng[self.rank].to(torch.uint8))
+            self._set_rng_state(rng[self.rank])
         else:  # a different worker count: fresh but deterministic dropout streams
             torch.manual_seed(self.config.seed * 1_000_003 + self.rank * 7919 + self.progress.step)
 

@@ -10,7 +10,8 @@ Stored level by level in CSR form (a few integer arrays, no Python object per no
                          nodes first_child[d][n] : first_child[d][n+1]
     leaf_item            item id of each level-L node
 
-Memory is about (L * 8 + L * 8 + 8) bytes per item; a child is found by binary search on keys.
+Memory is at most 16 * L + 8 bytes per item (72 for 4-code IDs); a child is found by binary
+search on keys, the allowed next codes of a node are one contiguous slice.
 The arrays are torch tensors so decoding runs on the model's device (``.to(device)``).
 """
 

@@ -22,6 +22,8 @@ from tiger_ray.serving.settings import PRESETS, ServeConfig
 
 log = logging.getLogger(__name__)
 
+MODEL_LOAD_ATTEMPTS = 3
+
 # What each model needs on disk (the registry's loaders read these), and who writes it.
 REQUIRED_FILES = {
     "tiger": ("seq2seq/best/config.json", "tiger train-seq2seq"),
@@ -30,7 +32,7 @@ REQUIRED_FILES = {
 
 
 def check_run(run: RunDir, config: ServeConfig, loaders: dict[str, str]) -> None:
-    """Fail on the driver, with the command to run, instead of in replicas that retry forever."""
+    """Fail on the driver, naming the command to run, before replicas try (and retry) to load."""
     run.require(run.items, "tiger prepare")
     for model in config.models:
         if model not in loaders:
@@ -46,6 +48,7 @@ def build_app(run: RunDir, config: ServeConfig, loaders: dict[str, str] | None =
     """
     loaders = dict(loaders or {})
     check_run(run, config, loaders)
+    logging_config = {"enable_access_log": config.access_log}
     models = {}
     for model in config.models:
         cpus = config.cpus(model)
@@ -56,6 +59,9 @@ def build_app(run: RunDir, config: ServeConfig, loaders: dict[str, str] | None =
             ray_actor_options={"num_cpus": cpus, "num_gpus": 1 if config.use_gpu else 0},
             user_config={"max_batch_size": config.max_batch_size(model),
                          "batch_wait_timeout_s": config.batch_wait_timeout_s},
+            # A model that cannot load fails the same way every time: report it after a few tries.
+            max_constructor_retry_count=MODEL_LOAD_ATTEMPTS,
+            logging_config=logging_config,
         )
         threads = config.torch_threads or max(1, int(cpus))
         models[model] = deployment.bind(str(run.root), model, config.model_options(model),
@@ -65,6 +71,7 @@ def build_app(run: RunDir, config: ServeConfig, loaders: dict[str, str] | None =
         num_replicas=config.ingress_replicas,
         max_ongoing_requests=config.ingress_max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress_cpus},
+        logging_config=logging_config,
     )
     return ingress.bind(str(run.root), models, to_dict(config))
 
@@ -97,10 +104,28 @@ def start(run: RunDir, config: ServeConfig, loaders: dict[str, str] | None = Non
     """
     app = build_app(run, config, loaders)
     serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(app, name=config.app_name, route_prefix="/", blocking=False)
+    try:
+        serve.run(app, name=config.app_name, route_prefix="/", blocking=False)
+    except RuntimeError as err:
+        # Serve's own message only names the deployment; the cause is in its status.
+        raise RuntimeError(f"{err}\n{failed_deployments(config.app_name)}") from err
     url = f"http://{config.host}:{config.port}"
     log.info("serving %s (%s) at %s; docs at %s/docs", run.root, ", ".join(config.models), url, url)
     return url
+
+
+def failed_deployments(app_name: str, lines: int = 3) -> str:
+    """The last lines (the exception) of each failed deployment's status message."""
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return f"application {app_name!r} is not deployed"
+    failed = []
+    for name, deployment in app.deployments.items():
+        if deployment.status.name in ("HEALTHY", "UPDATING", "UPSCALING", "DOWNSCALING"):
+            continue
+        tail = [line for line in (deployment.message or "").splitlines() if line.strip()][-lines:]
+        failed.append(f"{name} ({deployment.status.name}):\n  " + "\n  ".join(tail))
+    return "\n".join(failed) or app.message
 
 
 def stop() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from tiger_ray.config import add_config_args, build_config
 from tiger_ray.serving.settings import MODELS, PRESETS, ServeConfig
@@ -54,7 +55,7 @@ def register(subparsers) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from tiger_ray.ray_env import init_ray
     from tiger_ray.runs import RunDir
-    from tiger_ray.serving.app import start, stop
+    from tiger_ray.serving.app import check_run, start, stop
 
     config = build_config(ServeConfig, args, PRESETS[args.preset])
     run = RunDir(args.run)
@@ -63,9 +64,14 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError("--detach needs a running Ray cluster to leave the service on (--address "
                          "or RAY_ADDRESS; e.g. `ray start --head --node-ip-address 127.0.0.1`); "
                          "an embedded Ray stops with this process")
+    check_run(run, config, loaders={})  # missing files: say so before starting Ray
     started_ray = init_ray(address=address)
     try:
-        url = start(run, config)
+        try:
+            url = start(run, config)
+        except RuntimeError as err:  # a deployment failed to start; the message says why
+            print(f"tiger serve: error: {err}", file=sys.stderr)
+            return 1
         print(f"serving {run.root} ({', '.join(config.models)}) at {url}  (API docs: {url}/docs)",
               flush=True)
         if args.demo:

@@ -8,6 +8,7 @@ against the held-out next item.
 from __future__ import annotations
 
 import json
+import socket
 
 from tiger_ray.runs import RunDir
 from tiger_ray.serving.settings import PRESETS, ServeConfig
@@ -45,6 +46,17 @@ def show_demo_request(run: RunDir, url: str, model: str) -> dict:
     return response
 
 
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) != 0
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def trained_models(run: RunDir) -> tuple[str, ...]:
     from tiger_ray.serving.app import REQUIRED_FILES
 
@@ -62,6 +74,8 @@ def serve_demo(run: RunDir, config: ServeConfig | None = None, keep_running: boo
             raise FileNotFoundError(f"{run.root}: no trained model to serve; run `tiger "
                                     f"train-seq2seq` or `tiger train-baseline` first")
         config = ServeConfig(**{**PRESETS["cpu"], "models": models})
+        if not port_is_free(config.host, config.port):  # e.g. a `tiger serve` already on 8000
+            config.port = free_port(config.host)
     try:
         url = start(run, config)
         print(f"serving {run.root} ({', '.join(config.models)}) at {url}  (API docs: {url}/docs)",

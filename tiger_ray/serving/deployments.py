@@ -52,16 +52,19 @@ class ModelDeployment:
 
         torch.set_num_threads(max(1, int(torch_threads)))
         self.served = load_served_model(RunDir(run_dir), model, options, loader)
+        self.batching = {"max_batch_size": 32, "batch_wait_timeout_s": 0.005}  # as decorated below
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve calls this with the deployment's ``user_config`` at start and on every update."""
         if "max_batch_size" in user_config:
-            self.answer_batch.set_max_batch_size(int(user_config["max_batch_size"]))
+            self.batching["max_batch_size"] = int(user_config["max_batch_size"])
+            self.answer_batch.set_max_batch_size(self.batching["max_batch_size"])
         if "batch_wait_timeout_s" in user_config:
-            self.answer_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+            self.batching["batch_wait_timeout_s"] = float(user_config["batch_wait_timeout_s"])
+            self.answer_batch.set_batch_wait_timeout_s(self.batching["batch_wait_timeout_s"])
 
     def describe(self) -> dict:
-        return self.served.describe()
+        return {**self.served.describe(), **self.batching}
 
     async def recommend(self, query: Query) -> Answer:
         return await self.answer_batch(query)
@@ -83,7 +86,6 @@ class RecommenderApi:
         self.catalog = Catalog.from_run(self.run)
         self.models = models
         self.settings = settings
-        self._described: dict[str, dict] = {}
 
     def __serve_build_asgi_app__(self):
         from tiger_ray.serving.api import build_http_app
@@ -101,11 +103,10 @@ class RecommenderApi:
         answer: Answer = await handle.recommend.remote(query)
         if answer.error:
             raise ApiError(422, [(answer.error_field, answer.error)], error="rejected_by_model")
-        described = await self._describe(body.model)
         items = [RankedItem(rank=rank, score=score, **meta) for rank, (meta, score) in
                  enumerate(zip(self.catalog.items(answer.item_ids), answer.scores), start=1)]
         return RecommendResponse(
-            model=body.model, model_version=described["version"], user_id=body.user_id, k=body.k,
+            model=body.model, model_version=answer.model_version, user_id=body.user_id, k=body.k,
             history_length=len(history), history_used=answer.history_used,
             batch_size=answer.batch_size, items=items)
 
@@ -124,14 +125,14 @@ class RecommenderApi:
 
     async def info(self) -> InfoResponse:
         models = []
-        for name in self.models:
-            described = await self._describe(name)
+        for name, handle in self.models.items():
+            described = await handle.describe.remote()  # one replica's live settings
             models.append(ModelInfo(
                 model=name, version=described["version"], window=described["window"],
                 replicas=int(self.settings[f"{name}_replicas"]),
-                max_batch_size=int(self.settings[f"{name}_max_batch_size"]),
-                batch_wait_timeout_s=float(self.settings["batch_wait_timeout_s"]),
-                options=described.get("options", {})))
+                max_batch_size=described["max_batch_size"],
+                batch_wait_timeout_s=described["batch_wait_timeout_s"],
+                options=described["options"]))
         return InfoResponse(run=str(self.run.root), catalog_size=self.catalog.size, models=models,
                             limits={"max_history": MAX_HISTORY, "max_k": MAX_K,
                                     "max_body_bytes": int(self.settings["max_body_bytes"])})
@@ -144,9 +145,3 @@ class RecommenderApi:
             raise ApiError(503, [("models", f"a model replica did not answer: {err!r}")],
                                error="unavailable") from err
         return HealthResponse(status="ok", models=list(self.models))
-
-    async def _describe(self, model: str) -> dict:
-        # Versions never change while a replica lives, so ask each model deployment once.
-        if model not in self._described:
-            self._described[model] = await self.models[model].describe.remote()
-        return self._described[model]

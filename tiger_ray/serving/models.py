@@ -47,6 +47,7 @@ class Answer:
     scores: list[float] = field(default_factory=list)
     history_used: int = 0  # most recent history items the model read
     batch_size: int = 0  # queries answered together with this one (including it)
+    model_version: str = "unknown"
     error: str | None = None  # set when the model rejected this query (a client error) ...
     error_field: str = "history"  # ... and the request field it is about
 
@@ -121,7 +122,7 @@ class ServedModel:
         with self._lock:
             answers = self._answer(queries)
         for a in answers:
-            a.batch_size = len(queries)
+            a.batch_size, a.model_version = len(queries), self.version
         return answers
 
     def _answer(self, queries: list[Query]) -> list[Answer]:

@@ -108,7 +108,7 @@ class ModelInfo(BaseModel):
     model: ModelName
     version: str
     window: int | None = Field(description="history items the model reads")
-    replicas: int
+    replicas: int = Field(description="replicas configured at start")
     max_batch_size: int
     batch_wait_timeout_s: float
     options: dict[str, Any]

@@ -53,6 +53,8 @@ class ServeConfig:
         "help": "requests one ingress replica holds at once"})
     max_body_bytes: int = field(default=DEFAULT_MAX_BODY_BYTES, metadata={
         "help": "larger request bodies are refused with 413"})
+    access_log: bool = field(default=False, metadata={
+        "help": "log every request in every replica (Serve's access log; costs throughput)"})
 
     def __post_init__(self):
         self.models = tuple(self.models)
