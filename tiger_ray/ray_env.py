@@ -8,6 +8,7 @@ address is given (``RAY_ADDRESS`` or ``address=``), we connect to it and change 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from typing import Iterator
 
@@ -53,6 +54,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     env_vars = {**worker_env_vars(), **runtime_env.get("env_vars", {})}
     runtime_env = {**runtime_env, "env_vars": env_vars}
     if address:
+        # Inside a submitted job the job's runtime_env already carries its env_vars; passing
+        # overlapping keys again makes Ray refuse to merge the two, so send only new ones.
+        job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}")
+        job_vars = (job_env.get("runtime_env") or {}).get("env_vars") or {}
+        runtime_env["env_vars"] = {k: v for k, v in env_vars.items() if k not in job_vars}
         ray.init(address=address, runtime_env=runtime_env, **kwargs)
     else:
         ray.init(
