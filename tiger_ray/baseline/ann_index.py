@@ -171,8 +171,9 @@ class AnnIndex:
             log.warning("FAISS has no GPU HNSW; the hnsw index stays on CPU")
             return
         self._gpu_resources = faiss.StandardGpuResources()
+        # The clone keeps the id map on the host and copies nprobe from the CPU index, which
+        # already carries this config's search parameters.
         self.index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.cpu_index)
-        set_search_params(self.index, self.config)
         self.on_gpu = True
 
     @property

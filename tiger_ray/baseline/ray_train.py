@@ -106,7 +106,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: 
     model.train()
     total, steps = 0.0, 0
     batches = range(0, len(rows), config.batch_size)
-    for lo in tqdm(batches, desc=desc, unit="batch", disable=not progress, mininterval=2.0):
+    for lo in tqdm(batches, desc=desc, unit="batch", disable=not progress, mininterval=10.0):
         idx = rows[lo: lo + config.batch_size]
         history = torch.from_numpy(data.history[idx]).to(device)
         users = torch.from_numpy(data.users[idx]).to(device)

@@ -3,7 +3,7 @@
 Events (all carry ``step`` and ``epoch``):
     train   loss (mean over the last log window, all ranks), lr, examples_per_second
     epoch   the same over a whole epoch
-    eval    val_recall@5/10, val_ndcg@5/10 on the validation subset, best_step, seconds
+    eval    val_recall@5/10, val_ndcg@5/10, val_loss on the validation subset, best_step, seconds
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def read_history(path: str | Path) -> list[dict]:
 
 
 def plot_learning_curve(history: list[dict], path: str | Path, title: str = "TIGER seq2seq") -> None:
-    """Train loss (left axis) and validation Recall@10 (right axis) against the optimizer step."""
+    """Train and validation loss (left axis), validation Recall@10 (right axis) against the step."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -43,8 +43,13 @@ def plot_learning_curve(history: list[dict], path: str | Path, title: str = "TIG
     fig, ax_loss = plt.subplots(figsize=(8, 4.5), dpi=110)
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue",
                  lw=1.2, label="train loss")
+    with_loss = [r for r in evals if "val_loss" in r]
+    if with_loss:
+        ax_loss.plot([r["step"] for r in with_loss], [r["val_loss"] for r in with_loss],
+                     color="tab:blue", ls="--", lw=1.2, label="validation loss")
+        ax_loss.legend(loc="upper center", fontsize=8, frameon=False)
     ax_loss.set_xlabel("optimizer step")
-    ax_loss.set_ylabel("train cross-entropy", color="tab:blue")
+    ax_loss.set_ylabel("cross-entropy per token", color="tab:blue")
     ax_loss.grid(alpha=0.3)
     ax_val = ax_loss.twinx()
     ax_val.plot([r["step"] for r in evals], [r["val_recall@10"] for r in evals], color="tab:red",
