@@ -2,13 +2,18 @@
 
 Both models get the paper's sizes (d_model 128, 6 heads x 64 (T5: d_kv=64), MLP 1024 (d_ff),
 4 + 4 layers, ReLU, dropout 0.1, untied output layer), the same vocabulary, the same
-length-bucketed batches, the same fused AdamW and the same loss, and run one after the other in
+length-bucketed batches, the same fused AdamW, clipping and loss, interleaved batch by batch in
 one process on this machine. A step is forward + backward + optimizer + LR schedule. We report
-training examples per second and the ratio.
+training examples per second (wall clock, and per CPU-second, which other load on a shared
+machine distorts less) and the ratios.
 
     python benchmarks/bench_seq2seq_vs_t5.py                       # Beauty-shaped synthetic data
     python benchmarks/bench_seq2seq_vs_t5.py --run runs/beauty      # the real training examples
-    python benchmarks/bench_seq2seq_vs_t5.py --precision bf16       # both under bf16 autocast
+    python benchmarks/bench_seq2seq_vs_t5.py --precision fp32       # ours in fp32 too
+
+Our step runs in the precision the trainer would pick (``auto``: bf16 autocast on CPUs with native
+bf16); T5 runs in fp32 (what HF training does by default) and, when ours differs, also under the
+same autocast, so both the as-shipped and the like-for-like ratios are printed.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from tiger_ray.seq2seq.model import TigerSeq2Seq  # noqa: E402
 from tiger_ray.seq2seq.presets import Seq2SeqTrainConfig  # noqa: E402
 from tiger_ray.seq2seq.schedule import inverse_sqrt_schedule  # noqa: E402
 from tiger_ray.seq2seq.tokenizer import SemanticIdTokenizer  # noqa: E402
-from tiger_ray.seq2seq.train import make_optimizer, model_config, training_step  # noqa: E402
+from tiger_ray.seq2seq.train import (make_optimizer, model_config, resolve_precision,  # noqa: E402
+                                     training_step)
 
 
 def beauty_like(n_users: int = 22363, n_items: int = 12101, seed: int = 0) -> tuple[Sequences, SemanticIds]:
@@ -52,6 +58,12 @@ def beauty_like(n_users: int = 22363, n_items: int = 12101, seed: int = 0) -> tu
     sids = SemanticIds(item_ids=np.arange(1, n_items + 1), codes=codes,
                        codebook_sizes=(256, 256, 256, int(codes[:, 3].max()) + 1))
     return seqs, sids
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def t5_model(vocab_size: int, cfg: Seq2SeqTrainConfig):
@@ -80,16 +92,17 @@ class T5Adapter(torch.nn.Module):
 
 def time_interleaved(models: dict, batches, cfg, warmup: int) -> dict:
     """Each batch goes through every model in turn, so load changes on a shared machine hit all
-    models alike. Wall time and process CPU time are summed per model over the timed steps."""
+    models alike. Wall time and process CPU time are summed per model over the timed steps.
+    ``models`` maps a name to (model, precision)."""
     opt = {}
-    for name, model in models.items():
+    for name, (model, _) in models.items():
         optimizer = make_optimizer(model, cfg)
         opt[name] = (optimizer, inverse_sqrt_schedule(optimizer, cfg.warmup_steps, cfg.decay_start))
     stats = {name: {"seconds": 0.0, "cpu_seconds": 0.0, "examples": 0, "losses": []} for name in models}
     for i, batch in enumerate(batches):
-        for name, model in models.items():
+        for name, (model, precision) in models.items():
             wall, cpu = time.perf_counter(), time.process_time()
-            loss = training_step(model, *opt[name], batch, precision=cfg.precision, grad_clip=cfg.grad_clip)
+            loss = training_step(model, *opt[name], batch, precision=precision, grad_clip=cfg.grad_clip)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             if i >= warmup:
                 s = stats[name]
@@ -107,7 +120,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per model first")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="our training step's precision, resolved as the trainer does (auto = "
+                             "bf16 where native); T5 runs in fp32 and, if different, also in this")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -131,35 +146,41 @@ def main(argv=None) -> int:
     plan = plan[:args.warmup + args.steps]
     batches = [collate(data, b, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id) for b in plan]
 
+    ours_precision = resolve_precision(args.precision, torch.device("cpu"))
+    models = {}
     torch.manual_seed(0)
-    ours = TigerSeq2Seq(model_config(cfg, tokenizer))
-    torch.manual_seed(0)
-    t5 = T5Adapter(t5_model(tokenizer.vocab_size, cfg))
+    models["tiger_ray"] = (TigerSeq2Seq(model_config(cfg, tokenizer)), ours_precision)
+    for precision in dict.fromkeys(["fp32", ours_precision]):  # T5 at fp32, and at ours if other
+        torch.manual_seed(0)
+        models[f"hf_t5_{precision}"] = (T5Adapter(t5_model(tokenizer.vocab_size, cfg)), precision)
     results = {"source": source, "examples": len(data), "vocab_size": tokenizer.vocab_size,
                "batch_size": cfg.batch_size, "timed_steps": len(batches) - args.warmup,
                "padding_fraction": padding_fraction(data, plan), "threads": torch.get_num_threads(),
-               "precision": cfg.precision, "torch": torch.__version__}
-    models = {"tiger_ray": ours, "hf_t5": t5}
+               "torch": torch.__version__, "transformers": transformers_version()}
     stats = time_interleaved(models, batches, cfg, args.warmup)
-    for name, model in models.items():
+    for name, (model, precision) in models.items():
         s = stats[name]
         params = sum(p.numel() for p in model.parameters())
         steps = len(s["losses"])
-        results[name] = {"parameters": params, "seconds": s["seconds"], "cpu_seconds": s["cpu_seconds"],
-                         "examples": s["examples"], "examples_per_second": s["examples"] / s["seconds"],
+        results[name] = {"precision": precision, "parameters": params, "seconds": s["seconds"],
+                         "cpu_seconds": s["cpu_seconds"], "examples": s["examples"],
+                         "examples_per_second": s["examples"] / s["seconds"],
                          "examples_per_cpu_second": s["examples"] / s["cpu_seconds"],
                          "ms_per_step": 1000 * s["seconds"] / steps,
                          "loss_first": s["losses"][0], "loss_last": s["losses"][-1]}
-        print(f"{name:10s} {params / 1e6:5.2f}M params {s['examples'] / s['seconds']:7.0f} examples/s "
-              f"({s['examples'] / s['cpu_seconds']:6.0f} per CPU-second) {1000 * s['seconds'] / steps:7.1f} "
-              f"ms/step  loss {s['losses'][0]:.3f} -> {s['losses'][-1]:.3f}")
-    ratio = results["tiger_ray"]["examples_per_second"] / results["hf_t5"]["examples_per_second"]
-    cpu_ratio = (results["tiger_ray"]["examples_per_cpu_second"]
-                 / results["hf_t5"]["examples_per_cpu_second"])
-    results["speedup"], results["speedup_cpu_time"] = ratio, cpu_ratio
-    print(f"speed-up tiger_ray / hf_t5: {ratio:.2f}x wall-clock, {cpu_ratio:.2f}x CPU time  ({source}; "
-          f"batch {cfg.batch_size}, {results['timed_steps']} timed steps, {torch.get_num_threads()} "
-          f"threads, {cfg.precision}, padding {100 * results['padding_fraction']:.1f}%)")
+        print(f"{name:14s} {precision}  {params / 1e6:5.2f}M params {s['examples'] / s['seconds']:7.0f} "
+              f"examples/s ({s['examples'] / s['cpu_seconds']:6.0f} per CPU-second) "
+              f"{1000 * s['seconds'] / steps:7.1f} ms/step  loss {s['losses'][0]:.3f} -> {s['losses'][-1]:.3f}")
+    print(f"({source}; batch {cfg.batch_size}, {results['timed_steps']} timed steps, "
+          f"{torch.get_num_threads()} threads, padding {100 * results['padding_fraction']:.1f}%)")
+    ours_stats = results["tiger_ray"]
+    for name in models:
+        if name == "tiger_ray":
+            continue
+        wall = ours_stats["examples_per_second"] / results[name]["examples_per_second"]
+        cpu = ours_stats["examples_per_cpu_second"] / results[name]["examples_per_cpu_second"]
+        results[f"speedup_vs_{name}"] = {"wall_clock": wall, "cpu_time": cpu}
+        print(f"speed-up tiger_ray ({ours_precision}) / {name}: {wall:.2f}x wall-clock, {cpu:.2f}x CPU time")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -12,3 +12,9 @@ Pipeline, one package per stage, each a plain PyTorch/numpy core with its Ray ru
 """
 
 __version__ = "0.1.0"
+
+# Ray reads its settings when it is imported, not when it starts, so the loopback/no-usage-stats
+# settings are exported as soon as any part of tiger_ray is imported (a user's own values win).
+from tiger_ray.ray_env import apply_env as _apply_env  # noqa: E402  (light: os/json only)
+
+_apply_env()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -77,9 +78,17 @@ def worker_threads(config: Seq2SeqTrainConfig) -> int:
     return config.torch_threads or max(1, int(config.cpus_per_worker))
 
 
-def _progress_bar_factory():
-    """A Ray-aware tqdm (bars of remote workers drawn by the driver), off under TQDM_DISABLE."""
+def want_progress_bar() -> bool:
+    """A bar on an interactive terminal; plain log lines when output goes to a file or a job log
+    (a redrawn bar there is one line per update), or under TQDM_DISABLE."""
     if os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes"):
+        return False
+    return sys.stderr.isatty()
+
+
+def _progress_bar_factory(enabled: bool):
+    """A Ray-aware tqdm: the bar of a remote worker is drawn by the driver."""
+    if not enabled:
         return None
     from ray.experimental.tqdm_ray import tqdm
 
@@ -101,7 +110,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from tiger_ray import distributed as dist
     from tiger_ray.seq2seq.data import TokenizedExamples
     from tiger_ray.seq2seq.model import TigerSeq2Seq
-    from tiger_ray.seq2seq.train import Seq2SeqTrainer, ValidationSet, model_config
+    from tiger_ray.seq2seq.train import (Seq2SeqTrainer, ValidationSet, model_config,
+                                         resolve_precision)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = from_dict(Seq2SeqTrainConfig, loop_config["config"])
@@ -118,8 +128,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = dist.torch_device()
     if dist.is_main():
         log.info("seq2seq: %d parameters, %d training examples, %d validation users, "
-                 "%d workers x %d threads, device %s", model.num_parameters(), len(train_data),
-                 len(valid), dist.world_size(), torch.get_num_threads(), device)
+                 "%d workers x %d threads, device %s, precision %s", model.num_parameters(),
+                 len(train_data), len(valid), dist.world_size(), torch.get_num_threads(), device,
+                 resolve_precision(config.precision, device))
 
     def wrap(module):
         # DDP when world_size > 1; gradient_as_bucket_view saves one copy of every gradient.
@@ -128,7 +139,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     trainer = Seq2SeqTrainer(config, model, tokenizer, train_data, valid, device=device,
                              rank=dist.world_rank(), world_size=dist.world_size(), wrap=wrap,
-                             report=dist.report, progress_bar=_progress_bar_factory())
+                             report=dist.report, progress_bar=_progress_bar_factory(loop_config.get("progress_bar", False)))
     trainer.fit(dist.load_checkpoint_state())
 
 
@@ -215,8 +226,6 @@ def check_resumable(storage_dir: Path, config: Seq2SeqTrainConfig, tokenizer) ->
 
 def run_train_seq2seq(run: RunDir, config: Seq2SeqTrainConfig) -> dict:
     """Train the seq2seq model of ``run`` on Ray Train; returns the summary (also summary.json)."""
-    import ray
-
     from tiger_ray.distributed import TrainerResources, fit
     from tiger_ray.ray_env import ray_session
 
@@ -233,7 +242,12 @@ def run_train_seq2seq(run: RunDir, config: Seq2SeqTrainConfig) -> dict:
     resources = TrainerResources(workers=config.workers, use_gpu=config.use_gpu,
                                  cpus_per_worker=config.cpus_per_worker)
     with ray_session():
-        loop_config = {"config": to_dict(config), "payload": ray.put(payload)}
+        # Import ray only once ray_session has exported the loopback settings: Ray reads them
+        # at import time, and imported earlier it binds to the machine's public address.
+        import ray
+
+        loop_config = {"config": to_dict(config), "payload": ray.put(payload),
+                       "progress_bar": want_progress_bar()}
         result = fit(train_loop_per_worker, loop_config, name=TRIAL_NAME,
                      storage_dir=run.seq2seq / RAY_STORAGE, resources=resources,
                      max_failures=config.max_failures, fresh=config.fresh)
