@@ -28,7 +28,7 @@ test: venv
 	$(PY) -m tiger_ray.testing.run_pytest $(PYTEST_ARGS)
 
 bench: venv
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py --run $(RUN)
 
 clean:
 	rm -rf $(VENV) runs

@@ -209,3 +209,28 @@ def test_early_stopping_and_time_budget(tiny):
     trainer, summary = train_local(budget, tokenizer, train, valid)
     assert summary["stop_reason"] == "time budget" and summary["steps"] < 10**6
     assert trainer.progress.last_eval_step == summary["steps"]  # a final validation on the way out
+
+
+def test_cold_start_items_never_reach_the_training_examples(synthetic_run):
+    """With cold_start_fraction set, held-out items are neither targets nor history tokens."""
+    from tiger_ray.seq2seq.cold_start import select_cold_items
+    from tiger_ray.seq2seq.ray_train import prepare_payload, tokenizer_from_payload
+
+    write_topic_semantic_ids(synthetic_run)
+    config = Seq2SeqTrainConfig(**{**PRESETS["tiny"], "cold_start_fraction": 0.2})
+    payload = prepare_payload(synthetic_run, config)
+    cold = select_cold_items(read_sequences(synthetic_run.sequences), 0.2, config.seed)
+    np.testing.assert_array_equal(payload["cold_items"], cold)
+    tokenizer = tokenizer_from_payload(payload)
+    train = payload["train"]
+    targets = tokenizer.items_from_tokens(np.asarray(train["targets"])[:, :4])
+    assert (targets > 0).all() and not np.isin(targets, cold).any()
+    history_items = []
+    for lo, hi in zip(train["source_offsets"][:-1], train["source_offsets"][1:]):
+        source = np.asarray(train["source_flat"][lo:hi])[1:]  # [user token] + 4 tokens per item
+        history_items.append(tokenizer.items_from_tokens(source.reshape(-1, 4)))
+    history_items = np.concatenate(history_items)
+    assert (history_items > 0).all() and not np.isin(history_items, cold).any()
+    full = prepare_payload(synthetic_run, dataclasses.replace(config, cold_start_fraction=0.0))
+    assert len(full["cold_items"]) == 0
+    assert len(train["targets"]) < len(full["train"]["targets"])

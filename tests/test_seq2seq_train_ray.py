@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from tiger_ray.data.schema import read_sequences
 from tiger_ray.evaluation.retrieval import PREDICTIONS_SCHEMA, evaluate_retriever
+from tiger_ray.seq2seq.cold_start import load_cold_items, select_cold_items
 from tiger_ray.seq2seq.history import read_history
 from tiger_ray.seq2seq.presets import PRESETS, Seq2SeqTrainConfig
 from tiger_ray.seq2seq.ray_train import run_train_seq2seq
@@ -22,9 +25,13 @@ def test_two_workers_write_best_history_curve_and_resume(ray_local, synthetic_ru
     run = synthetic_run
     write_topic_semantic_ids(run)
     config = dataclasses.replace(Seq2SeqTrainConfig(**PRESETS["tiny"]), workers=2,
-                                 cpus_per_worker=0.5, max_steps=20, eval_every=10, log_every=5)
+                                 cpus_per_worker=0.5, max_steps=20, eval_every=10, log_every=5,
+                                 cold_start_fraction=0.1)
     summary = run_train_seq2seq(run, config)
     out = run.seq2seq
+    # Cold start (paper Sec. 4.3): the held-out items are saved beside the model.
+    cold = select_cold_items(read_sequences(run.sequences), fraction=0.1, seed=config.seed)
+    np.testing.assert_array_equal(load_cold_items(out / "best"), cold)
     assert summary["steps"] == 20 and summary["stop_reason"] == "max_steps"
     assert (out / "best" / "config.json").exists() and (out / "best" / "model.pt").exists()
     assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

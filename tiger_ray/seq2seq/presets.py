@@ -45,6 +45,9 @@ class Seq2SeqTrainConfig:
     bucket_chunk_batches: int = field(default=64, metadata={
         "help": "length bucketing: sort by length within chunks of this many batches"})
     seed: int = field(default=0, metadata={"help": "random seed (init, data order, dropout)"})
+    cold_start_fraction: float = field(default=0.0, metadata={
+        "help": "hold this fraction of the test-target items out of training (paper Sec. 4.3: "
+                "0.05), for `tiger evaluate --cold-start`; 0 = train on every item"})
     # ---- validation, checkpoints, early stopping (validation split only; never the test split)
     eval_every: int = field(default=2000, metadata={"help": "validate + checkpoint every N steps"})
     val_users: int = field(default=2000, metadata={"help": "validation users per check (0 = all)"})
@@ -69,6 +72,8 @@ class Seq2SeqTrainConfig:
         for name in ("max_steps", "eval_every", "log_every", "val_beam_size", "val_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.cold_start_fraction < 1.0:
+            raise ValueError(f"cold_start_fraction must be in [0, 1), got {self.cold_start_fraction}")
         if self.decay_start < 1:
             raise ValueError(f"decay_start must be >= 1, got {self.decay_start}")
 

@@ -43,6 +43,7 @@ def prepare_payload(run: RunDir, config: Seq2SeqTrainConfig) -> dict:
     from tiger_ray.data.schema import read_sequences
     from tiger_ray.data.split import build_examples
     from tiger_ray.semantic_ids.table import read_semantic_ids
+    from tiger_ray.seq2seq.cold_start import exclude_from_training, select_cold_items
     from tiger_ray.seq2seq.data import tokenize_examples
     from tiger_ray.seq2seq.tokenizer import SemanticIdTokenizer
     from tiger_ray.seq2seq.train import validation_set
@@ -52,9 +53,20 @@ def prepare_payload(run: RunDir, config: Seq2SeqTrainConfig) -> dict:
     tokenizer = SemanticIdTokenizer(sids, num_user_buckets=config.num_user_buckets,
                                     use_user_token=config.use_user_token,
                                     max_history=config.max_history)
-    train = tokenize_examples(build_examples(sequences, "train", config.max_history), tokenizer)
+    examples = build_examples(sequences, "train", config.max_history)
+    cold_items = np.zeros(0, dtype=np.int64)
+    if config.cold_start_fraction > 0:
+        # Paper Sec. 4.3: these items never appear in training, neither as targets nor in
+        # histories; the list is saved beside the model for `tiger evaluate --cold-start`.
+        cold_items = select_cold_items(sequences, config.cold_start_fraction, config.seed)
+        before = len(examples)
+        examples = exclude_from_training(examples, cold_items)
+        log.info("train-seq2seq: %d cold-start items held out of training (%d of %d examples "
+                 "dropped)", len(cold_items), before - len(examples), before)
+    train = tokenize_examples(examples, tokenizer)
     valid = validation_set(sequences, config.max_history, config.val_users, config.seed)
     return {
+        "cold_items": cold_items,
         "semantic_ids": {"item_ids": sids.item_ids, "codes": sids.codes,
                          "codebook_sizes": list(sids.codebook_sizes)},
         "tokenizer": tokenizer.state(),
@@ -153,8 +165,9 @@ def _load_state(checkpoint) -> dict:
 
 
 def write_outputs(run: RunDir, config: Seq2SeqTrainConfig, state: dict, tokenizer,
-                  wall_seconds: float) -> dict:
+                  wall_seconds: float, cold_items: np.ndarray | None = None) -> dict:
     """best/, history.jsonl, learning_curve.png, train_config.json, summary.json from a final state."""
+    from tiger_ray.seq2seq.cold_start import save_cold_items
     from tiger_ray.seq2seq.history import plot_learning_curve, write_history
     from tiger_ray.seq2seq.model import TigerSeq2Seq, save_model
     from tiger_ray.seq2seq.train import VAL_METRIC, model_config
@@ -172,6 +185,8 @@ def write_outputs(run: RunDir, config: Seq2SeqTrainConfig, state: dict, tokenize
              "train_config": to_dict(config)}
     with atomic.atomic_path(out / BEST_DIR, is_dir=True) as tmp:
         save_model(tmp, model, mcfg, tokenizer, extra=extra)
+        if cold_items is not None and len(cold_items):
+            save_cold_items(tmp, cold_items, fraction=config.cold_start_fraction, seed=config.seed)
     write_history(out / "history.jsonl", state["history"])
     plot_learning_curve(state["history"], out / "learning_curve.png",
                         title=f"TIGER seq2seq on {run.root.name}")
@@ -254,7 +269,8 @@ def run_train_seq2seq(run: RunDir, config: Seq2SeqTrainConfig) -> dict:
         if result.checkpoint is None:
             raise ValueError(f"{run.seq2seq / RAY_STORAGE}: training produced no checkpoint")
         state = _load_state(result.checkpoint)
-    summary = write_outputs(run, config, state, tokenizer, time.perf_counter() - start)
+    summary = write_outputs(run, config, state, tokenizer, time.perf_counter() - start,
+                            cold_items=payload["cold_items"])
     log.info("train-seq2seq: %s after %d steps; best val Recall@10 %.4f at step %d -> %s "
              "(%.1f min)", summary["stop_reason"], summary["steps"],
              summary["best_val_recall@10"], summary["best_step"], summary["best_dir"],
