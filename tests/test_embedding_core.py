@@ -132,3 +132,45 @@ def test_default_encoder_gives_unit_vectors_and_identical_rows_for_identical_tex
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     assert np.allclose(vectors[0], vectors[2], atol=1e-6) and not np.allclose(vectors[0], vectors[1])
     assert encode(encoder, [], batch_size=2).shape == (0, 384)
+
+
+# ---------------------------------------------------------------- actor pool vs cluster resources
+
+def _pool(cluster, can_autoscale, shards=100, **config):
+    from tiger_ray.embedding.config import EmbedConfig
+    from tiger_ray.embedding.ray_embed import plan_actor_pool
+
+    return plan_actor_pool(EmbedConfig(**config), cluster, can_autoscale, shards)
+
+
+def test_an_actor_pool_that_fits_runs_at_its_size_without_asking_the_autoscaler():
+    for can_autoscale in (False, True):
+        pool = _pool({"CPU": 2.0}, can_autoscale, workers=2, cpus_per_worker=0.5)
+        assert (pool.min_size, pool.max_size, pool.resources, pool.request) == (2, 2, {"num_cpus": 0.5}, [])
+        pool = _pool({"CPU": 8.0, "GPU": 4.0}, can_autoscale, workers=0, use_gpu=True)  # one per GPU
+        assert (pool.min_size, pool.max_size, pool.resources, pool.request) == (4, 4, {"num_gpus": 1}, [])
+    # never more actors than shards to write
+    assert _pool({"CPU": 2.0}, False, shards=1, workers=2).max_size == 1
+
+
+def test_too_many_actors_fail_on_a_local_ray_and_are_requested_on_a_cluster():
+    with pytest.raises(ValueError, match="4 encoder actors x 1.0 CPUs do not fit in the Ray cluster's 2 "):
+        _pool({"CPU": 2.0}, False, workers=4, cpus_per_worker=1.0)
+    pool = _pool({"CPU": 2.0}, True, workers=4, cpus_per_worker=1.0)
+    assert (pool.min_size, pool.max_size) == (2, 4)  # starts on what is there, grows as nodes join
+    assert pool.request == [{"CPU": 1.0}] * 4  # the whole pool: the autoscaler counts what exists
+
+    with pytest.raises(ValueError, match="cluster has 1 GPUs"):
+        _pool({"CPU": 8.0, "GPU": 1.0}, False, workers=3, use_gpu=True)
+    pool = _pool({"CPU": 8.0, "GPU": 1.0}, True, workers=3, use_gpu=True)
+    assert (pool.min_size, pool.max_size, pool.request) == (1, 3, [{"GPU": 1}] * 3)
+
+
+def test_gpu_actors_on_a_cluster_without_gpus_yet():
+    with pytest.raises(ValueError, match="one per GPU encoder actors, but the Ray cluster has 0 GPUs"):
+        _pool({"CPU": 8.0}, False, workers=0, use_gpu=True)
+    # An autoscaling cluster whose GPU workers are all scaled down: one actor, waiting for its node.
+    pool = _pool({"CPU": 8.0}, True, workers=0, use_gpu=True)
+    assert (pool.min_size, pool.max_size, pool.request) == (1, 1, [{"GPU": 1}])
+    pool = _pool({"CPU": 8.0}, True, workers=2, use_gpu=True)
+    assert (pool.min_size, pool.max_size, pool.request) == (1, 2, [{"GPU": 1}] * 2)

@@ -31,7 +31,7 @@ def service(ray_local, serving_run):
             client.wait_until_ready(timeout=120)
         yield url, config
     finally:
-        stop()
+        stop(config.app_name)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -216,6 +217,52 @@ def test_app_builder_and_yaml(serving_run, tmp_path):
     (tmp_path / "items.parquet").write_bytes(serving_run.items.read_bytes())  # a run without models
     with pytest.raises(FileNotFoundError, match="tiger train-seq2seq"):
         app_builder({"run": str(tmp_path), "models": ["tiger"]})
+
+
+def test_use_gpu_gives_each_model_replica_a_gpu(serving_run):
+    # What serve_config.yaml's commented num_gpus lines restate when they override ray_actor_options.
+    from tiger_ray.serving.app import app_builder
+
+    app = app_builder({"run": str(serving_run.root), "use_gpu": True})
+    for model in app._bound_deployment.init_args[1].values():
+        assert model._bound_deployment.ray_actor_options["num_gpus"] == 1
+    assert app._bound_deployment.ray_actor_options.get("num_gpus", 0) == 0  # the ingress needs none
+
+
+class FakeServe:
+    """The part of ``ray.serve`` that ``stop`` uses, recording what it was asked to do."""
+
+    def __init__(self, apps):
+        self.apps, self.calls = set(apps), []
+
+    def status(self):
+        return SimpleNamespace(applications={name: None for name in self.apps})
+
+    def delete(self, name):
+        self.calls.append(f"delete {name}")
+        self.apps.discard(name)
+
+    def shutdown(self):
+        self.calls.append("shutdown")
+        self.apps.clear()
+
+
+@pytest.mark.parametrize("apps, owns_ray, calls", [
+    ({"tiger", "other"}, False, ["delete tiger"]),       # a shared cluster: only our app goes
+    ({"tiger"}, False, ["delete tiger"]),                # ... even the last one: Serve stays up
+    ({"tiger"}, True, ["delete tiger", "shutdown"]),     # our own local Ray: Serve goes too
+    ({"tiger", "other"}, True, ["delete tiger"]),        # ... unless another app is still on it
+    (set(), True, ["shutdown"]),                         # start() failed before deploying
+    (set(), False, []),
+])
+def test_stop_deletes_only_our_app(monkeypatch, apps, owns_ray, calls):
+    from tiger_ray.serving import app
+
+    fake = FakeServe(apps)
+    monkeypatch.setattr(app, "serve", fake)
+    monkeypatch.setattr(app, "owns_local_ray", lambda: owns_ray)
+    app.stop("tiger")
+    assert fake.calls == calls
 
 
 def test_cli_flags(tmp_path, capsys, monkeypatch):

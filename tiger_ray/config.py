@@ -83,3 +83,18 @@ def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
     """Rebuild a saved config, ignoring fields a newer version dropped."""
     names = {f.name for f in dataclasses.fields(cls)}
     return build_config(cls, {k: v for k, v in data.items() if k in names})
+
+
+def stage_parser(subparsers, name: str, *, config_cls: type, presets: Mapping[str, Any], help: str,
+                 description: str, preset_help: str, func, run_help: str = "run directory",
+                 run_flags: tuple[str, ...] = ("--run",), default_preset: str | None = "cpu",
+                 skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """The `tiger <stage>` subcommand every stage shares: ``--run RUN_DIR`` (required),
+    ``--preset`` (one of ``presets``), one flag per ``config_cls`` field (except ``skip``), and
+    ``func`` as the handler. Returned so the stage can add flags of its own."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    parser.add_argument(*run_flags, dest="run", required=True, metavar="RUN_DIR", help=run_help)
+    parser.add_argument("--preset", choices=sorted(presets), default=default_preset, help=preset_help)
+    add_config_args(parser, config_cls, skip=skip)
+    parser.set_defaults(func=func)
+    return parser

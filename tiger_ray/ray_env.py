@@ -22,6 +22,10 @@ RAY_ENV_VARS = {
 # Tests and offline machines: never reach for a model hub.
 OFFLINE_ENV_VARS = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
+# Set by init_ray: True when this process started the Ray it uses (loopback, no cluster address),
+# so nobody else's work runs on it and cluster-wide actions (shutting Serve down) are ours to take.
+_started_local_ray = False
+
 
 def apply_env(offline: bool = False) -> None:
     """Export the loopback/usage-stats settings (and optionally hub-offline) for this process."""
@@ -42,8 +46,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     """Start an embedded loopback-only Ray, or connect to ``address`` / ``RAY_ADDRESS``.
 
     Returns True if this call started (or connected) Ray, False if it was already initialised,
-    so callers know whether they own the shutdown.
+    so callers know whether they own the shutdown. ``owns_local_ray`` tells the two apart.
     """
+    global _started_local_ray
     apply_env()
     import ray
 
@@ -60,8 +65,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
         job_vars = (job_env.get("runtime_env") or {}).get("env_vars") or {}
         runtime_env["env_vars"] = {k: v for k, v in env_vars.items() if k not in job_vars}
         ray.init(address=address, runtime_env=runtime_env, **kwargs)
+        _started_local_ray = False
     else:
         ray.init(
+            # "local": a new instance even if a `ray start` cluster runs on this machine (without
+            # it Ray would join that one, which is neither loopback-only nor ours).
+            address="local",
             _node_ip_address=LOOPBACK,
             dashboard_host=LOOPBACK,
             include_dashboard=kwargs.pop("include_dashboard", False),
@@ -69,7 +78,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
             runtime_env=runtime_env,
             **kwargs,
         )
+        _started_local_ray = True
     return True
+
+
+def owns_local_ray() -> bool:
+    """True if Ray is running as the embedded local instance this process started (not a cluster
+    it connected to), so no other driver or application can be using it."""
+    import ray
+
+    return _started_local_ray and ray.is_initialized()
 
 
 @contextlib.contextmanager

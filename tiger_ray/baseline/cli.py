@@ -7,22 +7,20 @@ import json
 
 from tiger_ray.baseline.ann_index import IndexConfig
 from tiger_ray.baseline.config import PRESETS, BaselineConfig
-from tiger_ray.config import add_config_args, build_config
+from tiger_ray.config import add_config_args, build_config, stage_parser
 
 
 def register(subparsers) -> None:
-    train = subparsers.add_parser(
-        "train-baseline", help="train the dual-encoder baseline with Ray Train and build its FAISS index",
+    train = stage_parser(
+        subparsers, "train-baseline", config_cls=BaselineConfig, presets=PRESETS, func=_train,
+        help="train the dual-encoder baseline with Ray Train and build its FAISS index",
         description="Train a SASRec-style query tower and an ID + text item tower on the run's "
         "training examples (sampled softmax with log-Q correction, or full-catalog softmax), select "
         "the epoch by validation recall@10, then index the item vectors with FAISS in "
-        "RUN/baseline/. Re-running resumes from the latest Ray Train checkpoint.")
-    train.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory (after tiger embed)")
-    train.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                       help="tiny (tests), cpu (this 2-core machine), paper (GPU clusters)")
-    add_config_args(train, BaselineConfig)
-    add_config_args(train, IndexConfig)
-    train.set_defaults(func=_train)
+        "RUN/baseline/. Re-running resumes from the latest Ray Train checkpoint.",
+        run_help="run directory (after tiger embed)",
+        preset_help="tiny (tests), cpu (this 2-core machine), paper (GPU clusters)")
+    add_config_args(train, IndexConfig)  # the FAISS index built after training
 
     index = subparsers.add_parser(
         "baseline-index", help="build another FAISS index for the trained dual encoder and measure "

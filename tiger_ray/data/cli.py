@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tiger_ray.config import add_config_args, build_config
+from tiger_ray.config import build_config, stage_parser
 from tiger_ray.data.prepare import PRESETS, PrepareConfig
 
 
@@ -23,17 +23,14 @@ def register(subparsers) -> None:
     download.add_argument("--force", action="store_true", help="download again even if present")
     download.set_defaults(func=_download)
 
-    prepare = subparsers.add_parser(
-        "prepare", help="read a dataset and write items.parquet, sequences.parquet, stats.json",
+    stage_parser(
+        subparsers, "prepare", config_cls=PrepareConfig, presets=PRESETS, func=_prepare,
+        help="read a dataset and write items.parquet, sequences.parquet, stats.json",
         description="Read the shared Amazon 2014 data, the original McAuley files or your own "
-        "sequences + items files, and write the canonical run files (dense item ids 1..N).")
-    prepare.add_argument("--out", "--run", dest="run", required=True, metavar="RUN_DIR",
-                         help="run directory to write to (created if needed)")
-    prepare.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                         help="accepted for symmetry with the other stages; preparation is the "
-                              "same at every scale")
-    add_config_args(prepare, PrepareConfig)
-    prepare.set_defaults(func=_prepare)
+        "sequences + items files, and write the canonical run files (dense item ids 1..N).",
+        run_flags=("--out", "--run"), run_help="run directory to write to (created if needed)",
+        default_preset=None, preset_help="accepted for symmetry with the other stages; "
+        "preparation is the same at every scale")
 
 
 def _prepare(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """`tiger embed` on Ray Data: items.parquet -> a pool of encoder actors -> Parquet shards + manifest.
 
     read_parquet(items.parquet) -> drop items already on disk -> blocks of shard_size rows
-        -> map_batches(ShardEncoder, ActorPoolStrategy(size=workers)): encode, write one shard
+        -> map_batches(ShardEncoder, ActorPoolStrategy(min_size, max_size)): encode, write one shard
         -> a one-row summary per shard back to the driver (progress bar, then the manifest)
 
 Each actor loads the model once and writes its shards itself, so embeddings never pass through
@@ -96,37 +96,79 @@ def _quiet_ray_data():
         ctx.enable_progress_bars = before
 
 
-def _worker_resources(config: EmbedConfig) -> tuple[int, dict]:
-    """Actor pool size and per-actor resources; fails now rather than leave actors pending forever."""
-    import ray
+@dataclasses.dataclass(frozen=True)
+class ActorPool:
+    """The encoder actor pool to run, and what to ask a cluster's autoscaler for."""
+    min_size: int  # actors that fit the cluster now (at least 1: the pool waits for its first)
+    max_size: int  # actors wanted; the pool grows to this as the autoscaler adds nodes
+    resources: dict  # Ray resources of one actor, as map_batches takes them
+    request: list[dict]  # bundles for request_resources, one per actor; empty when all fit now
 
-    cluster = ray.cluster_resources()
+
+def plan_actor_pool(config: EmbedConfig, cluster: dict, can_autoscale: bool, shards: int) -> ActorPool:
+    """Size the pool from the cluster's resources (``ray.cluster_resources()``).
+
+    Actors that do not fit would wait forever on a Ray that cannot grow, so there it fails now;
+    on a cluster that can add nodes it asks the autoscaler for them and lets the pool wait.
+    """
     if config.use_gpu:
-        gpus = int(cluster.get("GPU", 0))
-        workers = config.workers or gpus
-        if gpus < 1 or workers > gpus:
-            raise ValueError(f"--use-gpu with {workers or 'one per GPU'} encoder actors, but the Ray "
-                             f"cluster has {gpus} GPUs; lower --workers or run without --use-gpu")
-        return workers, {"num_gpus": 1}  # Ray Data: num_cpus beside num_gpus is experimental
-    cpus = float(cluster.get("CPU", 0))
-    if config.workers * config.cpus_per_worker > cpus:
-        raise ValueError(f"{config.workers} encoder actors x {config.cpus_per_worker} CPUs do not fit "
-                         f"in the Ray cluster's {cpus:g} CPUs; lower --workers or --cpus-per-worker")
-    return config.workers, {"num_cpus": config.cpus_per_worker}
+        have = int(cluster.get("GPU", 0))
+        wanted = config.workers or have or 1  # 0 workers: one per GPU (one if there is none yet)
+        per_actor, bundle = {"num_gpus": 1}, {"GPU": 1}  # Ray Data: num_cpus beside num_gpus is experimental
+        fit_now = min(wanted, have)
+        error = (f"--use-gpu with {config.workers or 'one per GPU'} encoder actors, but the Ray "
+                 f"cluster has {have} GPUs; lower --workers or run without --use-gpu")
+    else:
+        have = float(cluster.get("CPU", 0))
+        wanted, per = config.workers, config.cpus_per_worker
+        per_actor, bundle = {"num_cpus": per}, {"CPU": per}
+        fit_now = wanted if wanted * per <= have else int(have / per + 1e-9)
+        error = (f"{config.workers} encoder actors x {per} CPUs do not fit in the Ray cluster's "
+                 f"{have:g} CPUs; lower --workers or --cpus-per-worker")
+    if wanted > fit_now and not can_autoscale:
+        raise ValueError(error)
+    # No more actors than shards: each one costs a process, torch imports and a model load.
+    wanted = max(1, min(wanted, shards))
+    fit_now = min(fit_now, wanted)
+    request = [] if fit_now == wanted else [dict(bundle) for _ in range(wanted)]
+    return ActorPool(max(1, fit_now), wanted, per_actor, request)
+
+
+@contextlib.contextmanager
+def _autoscaler_request(bundles: list[dict]):
+    """Ask the autoscaler to fit ``bundles`` for this block, then withdraw the request (it would
+    otherwise keep the nodes up: a request stays until the next one replaces it)."""
+    if not bundles:
+        yield
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=bundles)
+    log.info("asked the autoscaler to fit %d encoder actors (%s each); the actor pool grows as nodes "
+             "join (on a cluster that cannot add nodes it waits: lower --workers)", len(bundles), bundles[0])
+    try:
+        yield
+    finally:
+        request_resources(bundles=[])
 
 
 def _encode_pending(run: RunDir, config: EmbedConfig, key: dict, skip: IdRanges, aliases: AliasMap,
                     total: int) -> list[dict]:
     """The Ray Data pass: returns one summary per shard written."""
+    import ray
     from tqdm.auto import tqdm
 
-    workers, resources = _worker_resources(config)
-    # No more actors than shards: each one costs a process, torch imports and a model load.
-    workers = max(1, min(workers, -(-(total - len(aliases.alias)) // config.shard_size)))
+    from tiger_ray.ray_env import owns_local_ray
+
+    shards_to_write = -(-(total - len(aliases.alias)) // config.shard_size)
+    # A Ray this process started cannot add nodes; a cluster we connected to may autoscale.
+    pool = plan_actor_pool(config, ray.cluster_resources(), can_autoscale=not owns_local_ray(),
+                           shards=shards_to_write)
     with _quiet_ray_data():  # a Dataset keeps the DataContext it was created with
-        ds = _pipeline(run, config, key, skip, aliases, workers, resources)
+        ds = _pipeline(run, config, key, skip, aliases, pool)
     shards: list[dict] = []
-    with tqdm(total=total, unit="item", desc="embed", smoothing=0.1) as bar:
+    progress = tqdm(total=total, unit="item", desc="embed", smoothing=0.1)
+    with _autoscaler_request(pool.request), progress as bar:
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 for row in range(len(batch["file"])):
@@ -159,7 +201,7 @@ def _root_cause(err: BaseException) -> str:
 
 
 def _pipeline(run: RunDir, config: EmbedConfig, key: dict, skip: IdRanges, aliases: AliasMap,
-              workers: int, resources: dict):
+              pool: ActorPool):
     import ray
 
     ds = ray.data.read_parquet(str(run.items)).select_columns(["item_id", "text"])
@@ -170,7 +212,8 @@ def _pipeline(run: RunDir, config: EmbedConfig, key: dict, skip: IdRanges, alias
     ds = ds.repartition(target_num_rows_per_block=config.shard_size)
     ds = ds.map_batches(
         ShardEncoder, batch_size=config.shard_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=workers), **resources,
+        compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
+        **pool.resources,
         fn_constructor_kwargs=dict(
             directory=str(run.embeddings), model=config.model,
             device="cuda" if config.use_gpu else "cpu", threads=config.threads_per_worker,

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from tiger_ray import atomic
-from tiger_ray.config import add_config_args, build_config
+from tiger_ray.config import build_config, stage_parser
 from tiger_ray.runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -305,16 +305,13 @@ def plot_comparison(result: dict, path, dataset: str | None = None) -> None:
 # ---------------------------------------------------------------- CLI
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "compare", help="table of TIGER vs the dual-encoder baseline: quality, latency, index size, "
+    stage_parser(
+        subparsers, "compare", config_cls=CompareConfig, presets=PRESETS, func=_compare,
+        help="table of TIGER vs the dual-encoder baseline: quality, latency, index size, "
         "training time",
         description="Read both models' saved metrics and training summaries, time both retrievers "
-        "on the same histories (batch 1 and batched), and write RUN/compare/comparison.md and .json.")
-    p.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="how many requests to time: tiny (tests), cpu, paper")
-    add_config_args(p, CompareConfig)
-    p.set_defaults(func=_compare)
+        "on the same histories (batch 1 and batched), and write RUN/compare/comparison.md and .json.",
+        preset_help="how many requests to time: tiny (tests), cpu, paper")
 
 
 def _compare(args: argparse.Namespace) -> int:

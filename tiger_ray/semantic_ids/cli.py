@@ -5,21 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 
-from tiger_ray.config import add_config_args, build_config
+from tiger_ray.config import build_config, stage_parser
 from tiger_ray.semantic_ids.config import PRESETS, RQVAEConfig
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "train-rqvae", help="train the RQ-VAE (Ray Train) and assign Semantic IDs to every item",
+    stage_parser(
+        subparsers, "train-rqvae", config_cls=RQVAEConfig, presets=PRESETS, func=_train_rqvae,
+        help="train the RQ-VAE (Ray Train) and assign Semantic IDs to every item",
         description="Train the RQ-VAE on RUN/embeddings with Ray Train (DDP, checkpoints in "
         "RUN/semantic_ids/train/; a re-run resumes), then write RUN/semantic_ids/"
-        "semantic_ids.parquet (item_id, c0..c3), model.pt, metrics.jsonl, report.json and plots.")
-    parser.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory (after `tiger embed`)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                        help="tiny (tests), cpu (this machine), paper (GPU clusters); flags override it")
-    add_config_args(parser, RQVAEConfig)
-    parser.set_defaults(func=_train_rqvae)
+        "semantic_ids.parquet (item_id, c0..c3), model.pt, metrics.jsonl, report.json and plots.",
+        run_help="run directory (after `tiger embed`)",
+        preset_help="tiny (tests), cpu (this machine), paper (GPU clusters); flags override it")
 
 
 def _train_rqvae(args: argparse.Namespace) -> int:

@@ -5,25 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 
-from tiger_ray.config import add_config_args, build_config
+from tiger_ray.config import build_config, stage_parser
 from tiger_ray.seq2seq.presets import PRESETS, Seq2SeqTrainConfig
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "train-seq2seq", help="train the seq2seq generative retriever (Ray Train, DDP)",
+    stage_parser(
+        subparsers, "train-seq2seq", config_cls=Seq2SeqTrainConfig, presets=PRESETS, func=_train,
+        help="train the seq2seq generative retriever (Ray Train, DDP)",
         description="Train the encoder-decoder Transformer that maps a user's history of "
         "Semantic-ID tokens to the next item's Semantic ID. Writes RUN/seq2seq/best/ (the "
         "weights with the best validation Recall@10), history.jsonl, learning_curve.png and "
         "summary.json. Running it again resumes from the last checkpoint (--fresh to restart). "
         "Presets: tiny (tests), cpu (this 2-core machine, ~55 min on Beauty), paper (the "
-        "paper's 200k steps, for GPUs). Explicit flags override the preset.")
-    parser.add_argument("--run", required=True, metavar="RUN_DIR",
-                        help="run directory with sequences.parquet and semantic_ids/")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                        help="named settings to start from (default: cpu)")
-    add_config_args(parser, Seq2SeqTrainConfig)
-    parser.set_defaults(func=_train)
+        "paper's 200k steps, for GPUs). Explicit flags override the preset.",
+        run_help="run directory with sequences.parquet and semantic_ids/",
+        preset_help="named settings to start from (default: cpu)")
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from ray import serve
 from ray.serve import Application
 
 from tiger_ray.config import build_config, to_dict
+from tiger_ray.ray_env import owns_local_ray
 from tiger_ray.runs import RunDir
 from tiger_ray.serving.deployments import DEPLOYMENT_NAMES, INGRESS_NAME, ModelDeployment, RecommenderApi
 from tiger_ray.serving.settings import PRESETS, ServeConfig
@@ -128,6 +129,14 @@ def failed_deployments(app_name: str, lines: int = 3) -> str:
     return "\n".join(failed) or app.message
 
 
-def stop() -> None:
-    """Shut down every Serve application and the HTTP proxy (Ray itself keeps running)."""
-    serve.shutdown()
+def stop(app_name: str) -> None:
+    """Delete our application; Ray itself keeps running.
+
+    On a cluster other applications may share Serve, so only ours goes. Serve itself (controller
+    and HTTP proxy) is shut down only on the embedded local Ray this process started, and only
+    when no other application is left on it.
+    """
+    if app_name in serve.status().applications:  # not there if start() failed before deploying
+        serve.delete(app_name)
+    if owns_local_ray() and not serve.status().applications:
+        serve.shutdown()

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from tiger_ray.config import add_config_args, build_config
+from tiger_ray.config import build_config, stage_parser
 from tiger_ray.serving.settings import MODELS, PRESETS, ServeConfig
 
 
@@ -24,17 +24,16 @@ def _models(text: str) -> list[str]:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "serve", help="serve TIGER and the ANN baseline over HTTP with Ray Serve",
+    parser = stage_parser(
+        subparsers, "serve", config_cls=ServeConfig, presets=PRESETS, func=_serve,
+        skip=("models",),  # --models below: a comma-separated list, checked by _models
+        help="serve TIGER and the ANN baseline over HTTP with Ray Serve",
         description="Deploy a FastAPI ingress and one batched Ray Serve deployment per model for a "
         "run directory: POST /recommend, GET /items/{id}, GET /info, GET /healthz; OpenAPI docs at "
-        "/docs. Binds to 127.0.0.1 unless --host says otherwise.")
-    parser.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory to serve")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                        help="resource and batching preset (default: cpu)")
+        "/docs. Binds to 127.0.0.1 unless --host says otherwise.",
+        run_help="run directory to serve", preset_help="resource and batching preset (default: cpu)")
     parser.add_argument("--models", type=_models, default=None, metavar="tiger,ann",
                         help="comma-separated models to serve (default: tiger,ann)")
-    add_config_args(parser, ServeConfig, skip=("models",))
     parser.add_argument("--address", default=None,
                         help="Ray cluster to deploy onto (default: $RAY_ADDRESS, else an embedded "
                              "loopback-only Ray)")
@@ -49,7 +48,6 @@ def register(subparsers) -> None:
     mode.add_argument("--detach", action="store_true",
                       help="leave the service running on the cluster of --address and return; "
                            "stop it with `serve shutdown`")
-    parser.set_defaults(func=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -85,7 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
             wait_for_signal()
     finally:
         if not args.detach:
-            stop()
+            stop(config.app_name)
             if started_ray:
                 import ray
 

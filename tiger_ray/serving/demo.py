@@ -86,5 +86,5 @@ def serve_demo(run: RunDir, config: ServeConfig | None = None, keep_running: boo
 
             wait_for_signal()
     finally:
-        stop()
+        stop(config.app_name)
     return response

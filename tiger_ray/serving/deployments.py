@@ -51,6 +51,10 @@ class ModelDeployment:
         import torch
 
         torch.set_num_threads(max(1, int(torch_threads)))
+        if (options or {}).get("device") == "cuda" and not torch.cuda.is_available():
+            # Typically a Serve config whose ray_actor_options (which replace ours) lack num_gpus.
+            raise RuntimeError(f"{model}: use_gpu is set but this replica sees no CUDA device; give "
+                               "the deployment ray_actor_options {num_gpus: 1}")
         self.served = load_served_model(RunDir(run_dir), model, options, loader)
         self.batching = {"max_batch_size": 32, "batch_wait_timeout_s": 0.005}  # as decorated below
 
