@@ -6,7 +6,8 @@
 
 The flags are those of `tiger serve` (see --help); --run may be a URI (s3://, gs://, file://).
 
-With --detach the service outlives the job (`serve shutdown` stops it); without it, the service
+With --detach the service outlives the job (`python jobs/deploy.py --run RUN --stop` removes
+it, leaving other Serve applications alone); without it, the service
 lives as long as the job (`ray job stop` ends both). A --run URI needs --stage-dir (cluster.yaml
 sets $TIGER_STAGE_DIR): the replicas keep reading the working copy.
 See jobs/_job.py.

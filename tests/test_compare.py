@@ -75,3 +75,16 @@ def test_tiger_index_bytes_counts_table_and_trie(tmp_path):
     assert sizes["semantic_id_table_bytes"] == 6 * 8 + 6 * 4 * 8  # int64 item id + 4 int64 codes
     assert sizes["trie_bytes"] == SemanticIdTrie.from_semantic_ids(read_semantic_ids(run)).nbytes() > 0
     assert sizes["bytes_per_item"] == pytest.approx(sizes["bytes"] / 6)
+
+
+def test_tiger_training_time_adds_rqvae_and_seq2seq_from_their_reports(tmp_path):
+    from tiger_ray.evaluation.compare import training_time
+    from tiger_ray.runs import RunDir
+
+    run = RunDir(tmp_path / "run")
+    assert training_time(run, "tiger")["seconds"] is None  # nothing trained yet
+    # The layouts `tiger train-rqvae` and `tiger train-seq2seq` write.
+    atomic.write_json(run.semantic_ids / "report.json", {"training": {"train_seconds": 120.0}})
+    atomic.write_json(run.seq2seq / "summary.json", {"train_seconds": 3000.0})
+    assert training_time(run, "tiger") == {"rqvae_seconds": 120.0, "seq2seq_seconds": 3000.0,
+                                           "seconds": 3120.0}

@@ -12,7 +12,7 @@ import torch
 
 from tiger_ray.cli import main
 from tiger_ray.evaluation.cli import evaluate, format_table, item_categories, load
-from tiger_ray.evaluation.metrics import PAPER_KEYS, category_entropy
+from tiger_ray.evaluation.metrics import PAPER_KEYS, CatalogCoverage, category_entropy
 from tiger_ray.evaluation.retrieval import PREDICTIONS_SCHEMA, metrics_from_predictions
 
 from seq2seq_helpers import one_thread, train_tiny_tiger, write_topic_semantic_ids  # noqa: F401
@@ -41,6 +41,15 @@ def test_category_entropy_hand_computed():
     np.testing.assert_allclose(got, expected, atol=1e-12)
 
 
+def test_catalog_coverage_counts_distinct_recommended_items_and_merges():
+    a, b = CatalogCoverage(2, catalog_size=10), CatalogCoverage(2, catalog_size=10)
+    a.update(np.array([[1, 2, 9], [2, 1, 8]]))  # only the top 2 count; -1 and 0 are empty slots
+    b.update(np.array([[3, -1, 7], [0, 2, 6]]))
+    assert a.compute() == pytest.approx(0.2) and b.compute() == pytest.approx(0.2)
+    a.merge(b)
+    assert a.key == "coverage@2" and a.compute() == pytest.approx(0.3)  # {1, 2} | {3, 2}
+
+
 def test_item_categories(synthetic_run):
     lookup, names = item_categories(synthetic_run)
     assert sorted(names) == ["Kayak", "Lipstick", "Shampoo", "Tent"]  # leaf of [["Synthetic", X]]
@@ -66,6 +75,8 @@ def test_tiger_evaluate_writes_recomputable_outputs(trained_run, capsys):
         assert metrics[key] == pytest.approx(recomputed[key])
     assert metrics["invalid_id_rate"] == 0.0
     assert 0.0 <= metrics["entropy@10"] <= math.log(4) + 1e-9
+    distinct = {i for row in items for i in row}
+    assert metrics["coverage@10"] == pytest.approx(len(distinct) / 64)
     assert metrics["beam_size"] == 12 and metrics["dataset"] == "synthetic" and metrics["model"] == "tiger"
     # the topic walk is learnable: far above the 10/64 of a random top-10
     assert metrics["recall@10"] > 0.4

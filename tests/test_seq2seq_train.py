@@ -160,9 +160,11 @@ def test_a_last_batch_smaller_than_the_world_joins_the_previous_one():
 
 # ---------------------------------------------------------------- the training loop
 
-def test_loss_decreases_and_validation_runs(tiny):
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_loss_decreases_and_validation_runs(tiny, optimizer):
     config, tokenizer, train, valid, _ = tiny
-    config = dataclasses.replace(config, max_steps=60, eval_every=30)
+    config = dataclasses.replace(config, max_steps=60, eval_every=30, optimizer=optimizer,
+                                 lr=0.05 if optimizer == "adafactor" else config.lr)
     trainer, summary = train_local(config, tokenizer, train, valid)
     losses = [r["loss"] for r in trainer.history if r["event"] == "train"]
     assert losses[-1] < 0.75 * losses[0]
@@ -171,6 +173,7 @@ def test_loss_decreases_and_validation_runs(tiny):
     assert summary["steps"] == 60 and summary["stop_reason"] == "max_steps"
     assert 0.0 <= summary["best_val_recall@10"] <= 1.0 and summary["best_step"] in (30, 60)
     assert trainer.best_model is not None
+    assert 0.0 < evals[-1]["val_coverage@10"] <= 1.0
 
 
 def test_resume_from_a_checkpoint_continues_exactly(tiny):

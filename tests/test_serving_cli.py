@@ -36,6 +36,27 @@ def test_tiger_serve_demo_then_shut_down(ray_local, serving_run, capsys):
     assert not _accepts_connections(port)  # --no-blocking shuts the service down before returning
 
 
+@pytest.mark.ray
+def test_detach_leaves_the_service_up_and_stop_removes_only_it(ray_local, serving_run, capsys):
+    from ray import serve
+
+    from tiger_ray import cli
+
+    port = free_port()
+    # Ray is already initialised by the fixture, so --address names "the cluster we are on".
+    address = ["--address", "127.0.0.1:6379"]
+    common = ["serve", "--run", str(serving_run.root), "--preset", "tiny", "--port", str(port),
+              "--models", "tiger", "--app-name", "detached-tiger"]
+    assert cli.main([*common, *address, "--detach"]) == 0
+    assert "--stop` removes it" in capsys.readouterr().out
+    assert _accepts_connections(port)
+    assert "detached-tiger" in serve.status().applications
+    assert cli.main([*common, *address, "--stop"]) == 0
+    assert "detached-tiger" not in serve.status().applications
+    assert cli.main([*common, "--stop"]) == 2  # no cluster named: a clear error, nothing stopped
+    assert "--stop needs the Ray cluster" in capsys.readouterr().err
+
+
 def test_blocking_mode_stops_on_sigterm_and_restores_the_handler(capsys):
     from tiger_ray.serving.cli import wait_for_signal
 

@@ -146,7 +146,7 @@ def training_time(run: RunDir, model: str) -> dict:
         return atomic.read_json(path).get(key) if path.exists() else None
 
     if model == "tiger":
-        rqvae = read(run.semantic_ids / "report.json", "train_seconds")
+        rqvae = (read(run.semantic_ids / "report.json", "training") or {}).get("train_seconds")
         seq2seq = read(run.seq2seq / "summary.json", "train_seconds")
         parts = {"rqvae_seconds": rqvae, "seq2seq_seconds": seq2seq}
     elif model == "ann":

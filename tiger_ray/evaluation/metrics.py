@@ -114,6 +114,33 @@ class MetricCollection:
         return self.metrics[0].count if self.metrics else 0
 
 
+class CatalogCoverage:
+    """Share of the catalog that appears in anyone's top-k ("coverage@k"). Not a quality metric
+    but a symptom check: a model that ignores the history recommends the same few popular items to
+    everyone (coverage ~ k / catalog) and still scores a popularity-level recall."""
+
+    def __init__(self, k: int, catalog_size: int):
+        if k < 1 or catalog_size < 1:
+            raise ValueError(f"coverage needs k >= 1 and a catalog, got k={k}, catalog_size={catalog_size}")
+        self.k = k
+        self.seen = np.zeros(catalog_size + 1, dtype=bool)  # item ids are 1..N
+
+    @property
+    def key(self) -> str:
+        return f"coverage@{self.k}"
+
+    def update(self, ranked: np.ndarray) -> None:
+        top = np.asarray(ranked)[:, :self.k].ravel()
+        top = top[(top > 0) & (top < len(self.seen))]
+        self.seen[top] = True
+
+    def merge(self, other: "CatalogCoverage") -> None:
+        self.seen |= other.seen
+
+    def compute(self) -> float:
+        return float(self.seen[1:].mean())
+
+
 # The paper's Table 1 (Recall@5, NDCG@5, Recall@10, NDCG@10): our bar and the baseline's.
 PAPER_TABLE1 = {
     "beauty": {"TIGER": (0.0454, 0.0321, 0.0648, 0.0384), "SASRec": (0.0387, 0.0249, 0.0605, 0.0318)},

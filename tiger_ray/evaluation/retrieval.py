@@ -21,7 +21,7 @@ import pyarrow as pa
 from tiger_ray import atomic
 from tiger_ray.data.schema import read_sequences
 from tiger_ray.data.split import Split, build_examples
-from tiger_ray.evaluation.metrics import MetricCollection
+from tiger_ray.evaluation.metrics import CatalogCoverage, MetricCollection
 from tiger_ray.runs import RunDir
 
 PREDICTIONS_SCHEMA = pa.schema([
@@ -85,6 +85,7 @@ def evaluate_retriever(retriever: Retriever, run: RunDir, split: Split, *, k: in
     examples = build_examples(sequences, split, max_history=max_history)
     n = len(examples) if limit is None else min(limit, len(examples))
     metrics = MetricCollection.default(tuple(sorted({5, 10, k} & set(range(1, k + 1)))))
+    coverage = CatalogCoverage(k, int(sequences.flat.max()))
     tables, extras = [], {}
     start = time.perf_counter()
     bar = tqdm(total=n, desc=f"evaluate {retriever.name} {split}", unit="user", disable=not progress)
@@ -94,6 +95,7 @@ def evaluate_retriever(retriever: Retriever, run: RunDir, split: Split, *, k: in
         recs = retriever.recommend(histories, examples.user_ids[lo:hi], k)
         targets = examples.targets[lo:hi]
         metrics.update(recs.item_ids[:, :k], targets)
+        coverage.update(recs.item_ids)
         for key, value in recs.extras.items():
             extras[key] = extras.get(key, 0.0) + float(value)
         tables.append(predictions_table(examples.user_ids[lo:hi], targets, recs))
@@ -105,6 +107,7 @@ def evaluate_retriever(retriever: Retriever, run: RunDir, split: Split, *, k: in
         "split": split,
         "count": n,
         **metrics.compute(),
+        coverage.key: coverage.compute(),
         **{key: value / max(n, 1) for key, value in extras.items()},
         "seconds": seconds,
         "queries_per_second": n / seconds if seconds > 0 else None,

@@ -29,7 +29,9 @@ class Seq2SeqTrainConfig:
     dropout: float = field(default=0.1, metadata={"help": "dropout rate"})
     # ---- optimisation
     batch_size: int = field(default=256, metadata={"help": "global batch (split across workers)"})
-    lr: float = field(default=0.01, metadata={"help": "peak learning rate (AdamW)"})
+    optimizer: Literal["adamw", "adafactor"] = field(default="adamw", metadata={
+        "help": "adamw, or adafactor (the paper's, whose lr is relative to each parameter's scale)"})
+    lr: float = field(default=0.01, metadata={"help": "peak learning rate"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=1000, metadata={"help": "linear warm-up steps"})
     decay_start: int = field(default=10000, metadata={"help": "step where 1/sqrt decay begins"})

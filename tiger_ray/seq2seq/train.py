@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from tiger_ray.data.schema import Sequences
 from tiger_ray.data.split import build_examples
-from tiger_ray.evaluation.metrics import MetricCollection
+from tiger_ray.evaluation.metrics import CatalogCoverage, MetricCollection
 from tiger_ray.seq2seq.data import TokenizedExamples, bucketed_batches, collate, shard_batch
 from tiger_ray.seq2seq.model import Seq2SeqConfig, TigerSeq2Seq, unwrap
 from tiger_ray.seq2seq.presets import Seq2SeqTrainConfig
@@ -60,11 +60,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if native else "fp32"
 
 
-def make_optimizer(model: torch.nn.Module, config: Seq2SeqTrainConfig) -> torch.optim.AdamW:
-    """AdamW; matrices and embeddings decay, norm gains do not."""
+def make_optimizer(model: torch.nn.Module, config: Seq2SeqTrainConfig) -> torch.optim.Optimizer:
+    """AdamW or Adafactor; matrices and embeddings decay, norm gains do not.
+
+    Adafactor is the paper's optimizer (T5X): its step is relative to each parameter's scale and
+    capped by 1/sqrt(step), so lr 0.01 there is a far smaller update than lr 0.01 in AdamW."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if config.optimizer == "adafactor":
+        return torch.optim.Adafactor(groups, lr=config.lr, foreach=True)
     # The fused kernel (one op for all parameters) exists for CPU and CUDA in recent PyTorch.
     try:
         return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), fused=True)
@@ -293,6 +298,7 @@ class Seq2SeqTrainer:
                                              beam_size=self.config.val_beam_size,
                                              device=self.device, chunk_size=self.config.val_batch_size)
         metrics = MetricCollection.default((5, 10))
+        coverage = CatalogCoverage(10, int(self.tokenizer.semantic_ids.item_ids.max()))
         mine = np.arange(self.rank, len(self.valid), self.world_size)
         bs = self.config.val_batch_size
         loss_sum = 0.0
@@ -301,12 +307,17 @@ class Seq2SeqTrainer:
             recs = self._retriever.recommend([self.valid.history(i) for i in rows],
                                              self.valid.user_ids[rows], 10)
             metrics.update(recs.item_ids, self.valid.targets[rows])
+            coverage.update(recs.item_ids)
             loss_sum += self._loss_sum(rows)
         self.model.train()
+        # Coverage: an item counts if any rank recommended it (a sum of 0/1 flags > 0).
+        seen = self._all_sum(coverage.seen.astype(np.float64).tolist())
+        coverage.seen = np.asarray(seen) > 0
         totals = self._all_sum([m.total for m in metrics.metrics] + [loss_sum, metrics.count])
         count = totals[-1]
         result = {f"val_{m.key}": (t / count if count else 0.0) for m, t in zip(metrics.metrics, totals)}
         result["val_loss"] = totals[-2] / (count * self.tokenizer.tokens_per_item) if count else 0.0
+        result[f"val_{coverage.key}"] = coverage.compute()
         return result
 
     def _loss_sum(self, rows: np.ndarray) -> float:
@@ -339,9 +350,10 @@ class Seq2SeqTrainer:
                              "best_step": p.best_step, "seconds": time.perf_counter() - start})
         if self.is_main:
             log.info("validation @ step %d: R@10 %.4f N@10 %.4f R@5 %.4f loss %.4f "
-                     "(best R@10 %.4f @ step %d)%s",
+                     "coverage@10 %.3f (best R@10 %.4f @ step %d)%s",
                      p.step, metrics["val_recall@10"], metrics["val_ndcg@10"],
-                     metrics["val_recall@5"], metrics["val_loss"], p.best_metric, p.best_step,
+                     metrics["val_recall@5"], metrics["val_loss"], metrics["val_coverage@10"],
+                     p.best_metric, p.best_step,
                      "" if improved else f", {p.evals_since_best} without improvement")
         self._last_eval_seconds = time.perf_counter() - start
 

@@ -3,6 +3,7 @@
     tiger serve --run runs/beauty                          # 127.0.0.1:8000, tiger + ann, Ctrl-C stops
     tiger serve --run runs/beauty --demo --no-blocking     # start, show one real request, shut down
     tiger serve --run RUN --address auto --host 0.0.0.0 --detach   # onto a running cluster, return
+    tiger serve --run RUN --address auto --stop                     # remove that service again
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ def register(subparsers) -> None:
                       help="return after start-up (and --demo), shutting the service down")
     mode.add_argument("--detach", action="store_true",
                       help="leave the service running on the cluster of --address and return; "
-                           "stop it with `serve shutdown`")
+                           "`tiger serve --run RUN --address ADDR --stop` removes it")
+    mode.add_argument("--stop", action="store_true",
+                      help="remove this service (its --app-name) from the cluster of --address, "
+                           "leaving other Serve applications running, and return")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -62,6 +66,13 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError("--detach needs a running Ray cluster to leave the service on (--address "
                          "or RAY_ADDRESS; e.g. `ray start --head --node-ip-address 127.0.0.1`); "
                          "an embedded Ray stops with this process")
+    if args.stop:
+        if not address:
+            raise ValueError("--stop needs the Ray cluster the service runs on (--address or RAY_ADDRESS)")
+        init_ray(address=address)
+        stop(config.app_name)
+        print(f"removed Serve application {config.app_name!r} from {address}")
+        return 0
     check_run(run, config, loaders={})  # missing files: say so before starting Ray
     started_ray = init_ray(address=address)
     try:
@@ -77,7 +88,8 @@ def _serve(args: argparse.Namespace) -> int:
 
             show_demo_request(run, url, config.models[0])
         if args.detach:
-            print("detached: the service keeps running on the cluster; `serve shutdown` stops it")
+            print(f"detached: the service keeps running on the cluster; `tiger serve --run "
+                  f"{args.run} --address {address} --stop` removes it")
             return 0
         if args.blocking:
             wait_for_signal()
