@@ -140,7 +140,11 @@ def _pipeline(args: argparse.Namespace) -> int:
         "use_gpu": args.use_gpu}.items() if v is not None}
     with ray_session():
         result = run_pipeline(run, args.preset, overrides, args.start, args.stop)
-        print(results_table(run))
+        comparison = run.compare / "comparison.md"
+        # The comparison has the quality table plus latency, index size and training time; a
+        # pipeline stopped before `compare` prints the quality table alone.
+        print(comparison.read_text() if comparison.exists() and args.stop in (None, "compare")
+              else results_table(run))
         if args.serve_demo and (args.stop is None or args.stop == STAGE_NAMES[-1]):
             from tiger_ray.serving.demo import serve_demo
 
