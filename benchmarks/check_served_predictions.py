@@ -22,7 +22,9 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from load_test import LOOPBACK_HOSTS, real_histories  # noqa: E402
+from load_test import real_histories  # noqa: E402
+
+from tiger_ray.serving.client import LOOPBACK_HOSTS  # noqa: E402
 
 
 def check(url: str, run_dir: str, model: str, split: str, users: int) -> dict:

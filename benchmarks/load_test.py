@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+from tiger_ray.serving.client import LOOPBACK_HOSTS  # noqa: E402  (the client's own rule)
 
 
 @dataclass

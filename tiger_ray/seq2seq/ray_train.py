@@ -241,6 +241,8 @@ def check_resumable(storage_dir: Path, config: Seq2SeqTrainConfig, tokenizer) ->
 
 def run_train_seq2seq(run: RunDir, config: Seq2SeqTrainConfig) -> dict:
     """Train the seq2seq model of ``run`` on Ray Train; returns the summary (also summary.json)."""
+    import ray
+
     from tiger_ray.distributed import TrainerResources, fit
     from tiger_ray.ray_env import ray_session
 
@@ -257,10 +259,6 @@ def run_train_seq2seq(run: RunDir, config: Seq2SeqTrainConfig) -> dict:
     resources = TrainerResources(workers=config.workers, use_gpu=config.use_gpu,
                                  cpus_per_worker=config.cpus_per_worker)
     with ray_session():
-        # Import ray only once ray_session has exported the loopback settings: Ray reads them
-        # at import time, and imported earlier it binds to the machine's public address.
-        import ray
-
         loop_config = {"config": to_dict(config), "payload": ray.put(payload),
                        "progress_bar": want_progress_bar()}
         result = fit(train_loop_per_worker, loop_config, name=TRIAL_NAME,
