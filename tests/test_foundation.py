@@ -99,3 +99,21 @@ def test_config_precedence_defaults_preset_flags():
 def test_ray_binds_to_loopback_only(ray_local):
     nodes = ray_local.nodes()
     assert nodes and all(n["NodeManagerAddress"] == "127.0.0.1" for n in nodes)
+
+
+def test_run_layout_ignores_generated_names_only(tmp_path):
+    from tiger_ray.runs import RunDir
+
+    def make(root, stamp, shard):
+        for relative in (f"semantic_ids/train/rqvae/checkpoint_{stamp}/model.pt",
+                         f"embeddings/{shard}", "embeddings/manifest.json", "stats.json"):
+            (root / relative).parent.mkdir(parents=True, exist_ok=True)
+            (root / relative).write_text("x")
+        return RunDir(root)
+
+    a = make(tmp_path / "a", "2026-12-02_07-42-03.872684", "part-0000000001-0000001024.parquet")
+    b = make(tmp_path / "b", "2026-12-03_10-00-00.000001", "part-0000000005-0000002000.parquet")
+    assert a.layout() == b.layout()
+    assert "semantic_ids/train/rqvae/checkpoint_*/model.pt" in a.layout()
+    (b.root / "stats.json").unlink()  # a missing artefact is a different layout
+    assert a.layout() - b.layout() == {"stats.json"}

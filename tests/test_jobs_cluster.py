@@ -2,9 +2,9 @@
 free ports, its own auth token), jobs sent with `ray job submit` exactly as the README shows, a run
 kept at a file:// URI, and only this head stopped afterwards.
 
-The pipeline job runs through train-seq2seq; the stages after it run as their own entrypoints
-(which also covers those entrypoints). Once `tiger pipeline` wires evaluate and compare, a single
-pipeline job can replace the last four.
+The pipeline job runs every stage; evaluate and compare run again as their own entrypoints, and
+the job's run directory is checked against the one `tiger pipeline` (the README's main job)
+writes from the same input.
 """
 
 from __future__ import annotations
@@ -108,43 +108,56 @@ def submit_ok(head, *entrypoint: str, timeout: float = 600) -> str:
 
 
 def test_pipeline_jobs_on_a_local_head(ray_head, tmp_path):
-    """prepare as its own job, the tiny pipeline through train-seq2seq, then the baseline,
-    evaluation and comparison entrypoints, all on one run kept at a file:// URI."""
-    from tiger_ray.pipeline import STAGE_NAMES, STAGES
+    """prepare as its own job, then the whole tiny pipeline as one job on a run kept at a file://
+    URI; evaluate and compare again as their own entrypoints; and the same run directory as the
+    README's main job (`tiger pipeline` on an embedded Ray) would have written."""
+    from tiger_ray.pipeline import STAGES
 
     sequences, items = write_dataset(tmp_path / "data")
+    source = ["--dataset", "synthetic", "--format", "sequences", "--sequences", str(sequences),
+              "--items", str(items)]
     remote = tmp_path / "bucket" / "runs" / "synthetic"
     run = RunDir(remote)
     location = f"file://{remote}"
     # A kept working copy, as cluster.yaml's $TIGER_STAGE_DIR on the shared mount.
     stage_dir = ["--stage-dir", str(tmp_path / "stage")]
 
-    submit_ok(ray_head, "jobs/prepare.py", "--dataset", "synthetic", "--format", "sequences",
-              "--sequences", str(sequences), "--items", str(items), "--run", location, *stage_dir)
+    submit_ok(ray_head, "jobs/prepare.py", *source, "--run", location, *stage_dir)
     assert pq.read_table(run.sequences).num_rows == 96
 
-    logs = submit_ok(ray_head, "jobs/pipeline.py", "--preset", "tiny", "--dataset", "synthetic",
-                     "--run", location, "--until", "train-seq2seq", "--no-serve-demo", *stage_dir,
-                     timeout=1500)
+    logs = submit_ok(ray_head, "jobs/pipeline.py", "--preset", "tiny", *source, "--run", location,
+                     "--no-serve-demo", *stage_dir, timeout=1500)
     # The kept copy already held the first job's output: nothing to download, prepare skipped.
     assert "0 files downloaded, 3 already there" in logs
     assert "[prepare] already complete" in logs
     assert f"changed files to {location}" in logs
-    for stage in STAGES[: STAGE_NAMES.index("train-seq2seq") + 1]:
+    for stage in STAGES:
         assert stage.done(run).exists(), f"{stage.name}: {stage.done(run)} missing at {location}"
+    assert "# TIGER vs dual encoder on synthetic" in logs, logs[-3000:]  # the comparison, printed
+    job_layout = run.layout()
 
-    # The remaining stages, each its own job; a temporary working copy this time.
-    submit_ok(ray_head, "jobs/train_baseline.py", "--preset", "tiny", "--run", location)
+    # Evaluation and comparison as their own jobs; a temporary working copy this time.
     for model in ("tiger", "ann"):
-        submit_ok(ray_head, "jobs/evaluate.py", "--run", location, "--model", model, "--split", "test")
-        metrics = json.loads((run.eval_dir(model, "test") / "metrics.json").read_text())
+        submit_ok(ray_head, "jobs/evaluate.py", "--run", location, "--model", model, "--split", "valid")
+        metrics = json.loads((run.eval_dir(model, "valid") / "metrics.json").read_text())
         values = [v for k, v in metrics.items() if k.startswith(("recall", "ndcg"))]
         assert values and all(0.0 <= v <= 1.0 for v in values), metrics
+        test_metrics = json.loads((run.eval_dir(model, "test") / "metrics.json").read_text())
         # The synthetic catalog is learnable: well above a random top 10 of its 64 items.
-        assert metrics["recall@10"] > 2 * 10 / 64, (model, metrics)
+        assert test_metrics["recall@10"] > 2 * 10 / 64, (model, test_metrics)
     submit_ok(ray_head, "jobs/compare.py", "--run", location)
-    assert (run.baseline / "summary.json").exists()
     assert any(run.compare.glob("*.json")) and any(run.compare.glob("*.md"))
+
+    # The README's main job on the same input: an embedded local Ray, a local run directory.
+    local = RunDir(tmp_path / "local" / "synthetic")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    result = subprocess.run([sys.executable, "-m", "tiger_ray.cli", "pipeline", "--preset", "tiny",
+                             *source, "--run", str(local.root), "--no-serve-demo"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    assert local.layout() == job_layout, (
+        f"only from the job: {sorted(job_layout - local.layout())}; "
+        f"only from `tiger pipeline`: {sorted(local.layout() - job_layout)}")
 
 
 def test_a_relative_run_is_refused_inside_a_job(ray_head):

@@ -12,8 +12,17 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+
+# Names that differ between two runs of the same pipeline: Ray Train's checkpoint folders carry
+# their creation time, embedding shards the item-id range of the rows a worker happened to get.
+_GENERATED_NAMES = (
+    (re.compile(r"checkpoint_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}\.\d+"), "checkpoint_*"),
+    (re.compile(r"part-\d+-\d+\.parquet$"), "part-*.parquet"),
+)
 
 
 class MissingArtifactError(FileNotFoundError):
@@ -71,3 +80,15 @@ class RunDir:
                 f"{path} does not exist; run `{produced_by} --run {self.root}` first"
             )
         return path
+
+    def layout(self) -> set[str]:
+        """Every file under the run as a relative path, generated names replaced by a pattern:
+        two runs of the same stages have the same layout wherever and however they ran."""
+        paths = set()
+        for path in self.root.rglob("*"):
+            if path.is_file():
+                relative = path.relative_to(self.root).as_posix()
+                for pattern, replacement in _GENERATED_NAMES:
+                    relative = pattern.sub(replacement, relative)
+                paths.add(relative)
+        return paths
