@@ -155,9 +155,10 @@ def test_pipeline_jobs_on_a_local_head(ray_head, tmp_path):
                              *source, "--run", str(local.root), "--no-serve-demo"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    assert local.layout() == job_layout, (
-        f"only from the job: {sorted(job_layout - local.layout())}; "
-        f"only from `tiger pipeline`: {sorted(local.layout() - job_layout)}")
+    local_layout = local.layout()
+    assert local_layout == job_layout, (
+        f"only from the job: {sorted(job_layout - local_layout)}; "
+        f"only from `tiger pipeline`: {sorted(local_layout - job_layout)}")
 
 
 def test_a_relative_run_is_refused_inside_a_job(ray_head):

@@ -110,12 +110,13 @@ TINY_PRESET = dict(
 # barrier: 30x slower steps measured under load; separate processes do not), training stopped
 # by the wall-clock budget with the best validation checkpoint kept.
 #
-# Optimiser (docs/RESULTS.md, "Optimiser"): the first full run (AdamW lr 0.01, batch 256, decay
-# from step 2000) collapsed to popularity: test R@10 0.0094, 0.08% of the catalog in anyone's top
-# 10. Adafactor at the paper's constant lr 0.01 (its step is relative to each parameter's scale)
-# with batch 128 reached test R@10 0.0238 in 25 minutes, validation recall still rising. More,
-# smaller steps beat fewer large ones at this budget, so the preset uses those settings and holds
-# lr constant (decay_start beyond any step the budget reaches, as the paper holds it for 10k).
+# Optimiser (docs/RESULTS.md, "Is the optimiser the bottleneck?"): the first full run (AdamW
+# lr 0.01, batch 256, decay from step 2000) collapsed to popularity: test R@10 0.0094, 0.08% of
+# the catalog in anyone's top 10. Adafactor at the paper's constant lr 0.01 (its step is relative
+# to each parameter's scale) with batch 128 reached test R@10 0.0238 in 25 minutes, validation
+# recall still rising. More, smaller steps beat fewer large ones at this budget, so the preset
+# uses those settings and holds lr constant (decay_start beyond any step the budget reaches, as
+# the paper holds it for 10k).
 CPU_PRESET = dict(
     d_model=128, num_heads=6, head_dim=64, encoder_layers=4, decoder_layers=4, mlp_dim=1024,
     dropout=0.1, batch_size=128, optimizer="adafactor", lr=0.01, warmup_steps=200,
