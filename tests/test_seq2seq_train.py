@@ -15,7 +15,8 @@ from tiger_ray.semantic_ids.table import read_semantic_ids, write_semantic_ids
 from tiger_ray.seq2seq.data import (bucketed_batches, collate, padding_fraction, shard_batch,
                                     tokenize_examples)
 from tiger_ray.seq2seq.presets import PRESETS, Seq2SeqTrainConfig
-from tiger_ray.seq2seq.schedule import inverse_sqrt_factor, inverse_sqrt_schedule
+from tiger_ray.seq2seq.schedule import (cooldown_steps_within_budget, inverse_sqrt_factor,
+                                        inverse_sqrt_schedule, lr_factor)
 from tiger_ray.seq2seq.tokenizer import SemanticIdTokenizer
 from tiger_ray.seq2seq.train import train_local, validation_set
 
@@ -88,6 +89,40 @@ def test_schedule_drives_the_optimizer_and_resumes():
     sched2 = inverse_sqrt_schedule(opt2, warmup_steps=4, decay_start=8)
     sched2.load_state_dict(sched.state_dict())
     assert sched2.get_last_lr()[0] == pytest.approx(opt.param_groups[0]["lr"])
+
+
+def test_cooldown_anneals_linearly_to_zero_and_survives_a_resume():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adafactor([param], lr=0.01)
+    sched = inverse_sqrt_schedule(opt, warmup_steps=0, decay_start=1000)
+    lrs = []
+    for step in range(12):
+        if step == 6:
+            lr_factor(sched).start_cooldown(step, 4)
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    # constant, then 1, 3/4, 1/2, 1/4 of it, then 0 from the step the anneal ends
+    assert lrs == pytest.approx([0.01] * 7 + [0.0075, 0.005, 0.0025, 0.0, 0.0])
+    assert lr_factor(sched).cooldown_done(10) and not lr_factor(sched).cooldown_done(9)
+    opt2 = torch.optim.Adafactor([param], lr=0.01)
+    sched2 = inverse_sqrt_schedule(opt2, warmup_steps=0, decay_start=1000)
+    state = sched.state_dict()
+    state["last_epoch"] = 8  # as if checkpointed mid-anneal
+    sched2.load_state_dict(state)
+    assert lr_factor(sched2)(8) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="1 step"):
+        lr_factor(sched2).start_cooldown(3, 0)
+
+
+def test_cooldown_starts_when_its_share_of_the_budget_is_left():
+    args = dict(budget=100.0, fraction=0.2, reserve=5.0)
+    assert cooldown_steps_within_budget(elapsed=79.0, steps_done=790, **args) == 0
+    # 10 steps/s so far, 100 - 80 - 5 = 15 s left: 150 steps
+    assert cooldown_steps_within_budget(elapsed=80.0, steps_done=800, **args) == 150
+    assert cooldown_steps_within_budget(elapsed=99.0, steps_done=990, **args) == 1  # never 0
+    assert cooldown_steps_within_budget(elapsed=90.0, steps_done=900, budget=0.0, fraction=0.2) == 0
+    assert cooldown_steps_within_budget(elapsed=90.0, steps_done=900, budget=100.0, fraction=0.0) == 0
 
 
 # ---------------------------------------------------------------- batches
@@ -212,6 +247,28 @@ def test_early_stopping_and_time_budget(tiny):
     trainer, summary = train_local(budget, tokenizer, train, valid)
     assert summary["stop_reason"] == "time budget" and summary["steps"] < 10**6
     assert trainer.progress.last_eval_step == summary["steps"]  # a final validation on the way out
+
+
+def test_cooldown_by_steps_and_by_time_budget(tiny):
+    config, tokenizer, train, valid, _ = tiny
+    by_steps = dataclasses.replace(config, max_steps=40, eval_every=20, log_every=1,
+                                   warmup_steps=0, decay_start=1000, cooldown_fraction=0.5)
+    trainer, summary = train_local(by_steps, tokenizer, train, valid)
+    lr = {r["step"]: r["lr"] for r in trainer.history if r["event"] == "train"}
+    assert lr[20] == pytest.approx(config.lr) and lr[30] == pytest.approx(config.lr / 2)
+    assert lr[40] == pytest.approx(0.0) and summary["stop_reason"] == "max_steps"
+    # With a time budget the anneal starts when 60% of it is left, sized by the measured speed,
+    # and the run ends at lr 0 or at the budget, whichever comes first.
+    by_time = dataclasses.replace(config, max_steps=10**6, time_budget_minutes=0.05, log_every=1,
+                                  eval_every=10**6, patience=0, warmup_steps=0, decay_start=10**6,
+                                  cooldown_fraction=0.6)
+    trainer, summary = train_local(by_time, tokenizer, train, valid)
+    cooldown = [r for r in trainer.history if r["event"] == "cooldown"]
+    assert len(cooldown) == 1 and cooldown[0]["steps"] >= 1
+    start = cooldown[0]["step"]
+    lrs = [r["lr"] for r in trainer.history if r["event"] == "train" and r["step"] > start]
+    assert all(b < a for a, b in zip(lrs, lrs[1:]))  # strictly annealing after the start
+    assert summary["stop_reason"] in ("time budget", "cool-down finished (lr 0)")
 
 
 def test_cold_start_items_never_reach_the_training_examples(synthetic_run):

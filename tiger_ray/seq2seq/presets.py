@@ -35,6 +35,10 @@ class Seq2SeqTrainConfig:
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=1000, metadata={"help": "linear warm-up steps"})
     decay_start: int = field(default=10000, metadata={"help": "step where 1/sqrt decay begins"})
+    cooldown_fraction: float = field(default=0.0, metadata={
+        "help": "anneal lr linearly to 0 over the last fraction of training: of the time budget "
+                "if one is set (started when that much time is left, for as many steps as fit), "
+                "else of max_steps; training stops when it reaches 0 (0 = off)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
     max_steps: int = field(default=200_000, metadata={"help": "stop after this many optimizer steps"})
     max_epochs: int = field(default=1000, metadata={"help": "stop after this many epochs"})
@@ -76,6 +80,8 @@ class Seq2SeqTrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.cold_start_fraction < 1.0:
             raise ValueError(f"cold_start_fraction must be in [0, 1), got {self.cold_start_fraction}")
+        if not 0.0 <= self.cooldown_fraction < 1.0:
+            raise ValueError(f"cooldown_fraction must be in [0, 1), got {self.cooldown_fraction}")
         if self.decay_start < 1:
             raise ValueError(f"decay_start must be >= 1, got {self.decay_start}")
 

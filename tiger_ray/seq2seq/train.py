@@ -1,17 +1,18 @@
 """The seq2seq training loop (plain PyTorch; runs the same on one process or on every DDP rank).
 
-``Seq2SeqTrainer.fit`` walks epochs of length-bucketed batches (``data.py``), takes AdamW steps
-under the inverse-square-root schedule (``schedule.py``), and every ``eval_every`` steps decodes
-a fixed subset of validation users with trie-constrained beam search, keeps the weights with the
-best Recall@10, checkpoints everything needed to resume, and stops early after ``patience``
-validations without improvement, at ``max_steps`` / ``max_epochs``, or when the wall-clock budget
-is about to run out. The test split is never read here.
+``Seq2SeqTrainer.fit`` walks epochs of length-bucketed batches (``data.py``), takes optimizer
+steps under the inverse-square-root schedule (``schedule.py``; optionally annealed to 0 over the
+last part of the run), and every ``eval_every`` steps decodes a fixed subset of validation users
+with trie-constrained beam search, keeps the weights with the best Recall@10, checkpoints
+everything needed to resume, and stops early after ``patience`` validations without
+improvement, at ``max_steps`` / ``max_epochs``, when the cool-down reaches lr 0, or when the
+wall-clock budget is about to run out. The test split is never read here.
 
 Distributed runs: every rank executes the same code on its shard of each global batch. Decisions
-that end the loop (time budget, early stopping) are taken from all-reduced numbers, so all ranks
-stop at the same step, which DDP requires. Checkpoints go through a ``report(metrics, state)``
-callback: ``tiger_ray.distributed.report`` under Ray Train, anything that stores the dict in
-tests.
+that end the loop or change the learning rate (time budget, cool-down, early stopping) are taken
+from all-reduced numbers, so all ranks act at the same step, which DDP requires. Checkpoints go
+through a ``report(metrics, state)`` callback: ``tiger_ray.distributed.report`` under Ray Train,
+anything that stores the dict in tests.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tiger_ray.evaluation.metrics import CatalogCoverage, MetricCollection
 from tiger_ray.seq2seq.data import TokenizedExamples, bucketed_batches, collate, shard_batch
 from tiger_ray.seq2seq.model import Seq2SeqConfig, TigerSeq2Seq, unwrap
 from tiger_ray.seq2seq.presets import Seq2SeqTrainConfig
-from tiger_ray.seq2seq.schedule import inverse_sqrt_schedule
+from tiger_ray.seq2seq.schedule import cooldown_steps_within_budget, inverse_sqrt_schedule, lr_factor
 from tiger_ray.seq2seq.tokenizer import PAD, SemanticIdTokenizer
 
 log = logging.getLogger(__name__)
@@ -196,11 +197,15 @@ class Seq2SeqTrainer:
         self.progress_bar = progress_bar
         self.optimizer = make_optimizer(self.model, config)
         self.scheduler = inverse_sqrt_schedule(self.optimizer, config.warmup_steps, config.decay_start)
+        if config.cooldown_fraction > 0:  # scheduled by steps; a time budget may start it sooner
+            n = max(1, round(config.cooldown_fraction * config.max_steps))
+            lr_factor(self.scheduler).start_cooldown(config.max_steps - n, n)
         self.progress = Progress()
         self.history: list[dict] = []
         self.best_model: dict[str, torch.Tensor] | None = None
         self.last_metrics: dict[str, float] = {}
         self._last_eval_seconds = 0.0
+        self._fit_start_step = 0  # step when this process's fit() began (its speed, for budgets)
         self._reported: tuple | None = None
         self.bar = None
         self._retriever = None
@@ -377,12 +382,30 @@ class Seq2SeqTrainer:
         # Leave room for the final validation + checkpoint, measured on the previous one.
         return time.perf_counter() - started + 1.2 * self._last_eval_seconds >= budget
 
+    def _cooldown_vote(self, started: float) -> float:
+        """Rank 0's answer to "start the cool-down now, for how many steps?" (0 = not yet)."""
+        cfg, p, factor = self.config, self.progress, lr_factor(self.scheduler)
+        if not self.is_main or cfg.cooldown_fraction <= 0 or factor.cooling(p.step):
+            return 0.0
+        return float(cooldown_steps_within_budget(
+            elapsed=time.perf_counter() - started, budget=cfg.time_budget_minutes * 60.0,
+            fraction=cfg.cooldown_fraction, steps_done=p.step - self._fit_start_step,
+            reserve=1.2 * self._last_eval_seconds))
+
     def _log_window(self, window: _Window, started: float) -> bool:
-        """All-reduce the window's sums, record a history point; returns the time-budget vote."""
+        """All-reduce the window's sums, record a history point; returns the time-budget vote.
+        The same all-reduce carries rank 0's cool-down decision, so every rank starts it at the
+        same step with the same length (their learning rates must stay identical)."""
         stop_vote = 1.0 if (self.is_main and self._out_of_time(started)) else 0.0
-        loss_sum, steps, examples, stop = self._all_sum(
-            [window.loss_sum, window.steps, window.examples, stop_vote])
+        loss_sum, steps, examples, stop, cooldown = self._all_sum(
+            [window.loss_sum, window.steps, window.examples, stop_vote, self._cooldown_vote(started)])
         p = self.progress
+        if cooldown > 0:
+            lr_factor(self.scheduler).start_cooldown(p.step, int(cooldown))
+            self.history.append({"event": "cooldown", "step": p.step, "epoch": p.epoch,
+                                 "steps": int(cooldown)})
+            if self.is_main:
+                log.info("time budget: annealing lr to 0 over the next %d steps", int(cooldown))
         loss = loss_sum / max(steps, 1)
         rate = examples / window.seconds if window.seconds > 0 else 0.0
         lr = self.scheduler.get_last_lr()[0]
@@ -411,6 +434,7 @@ class Seq2SeqTrainer:
         p = self.progress
         p.stop_reason = ""  # a finished run resumed with larger limits carries on
         started = time.perf_counter()
+        self._fit_start_step = p.step
         total = min(cfg.max_steps, cfg.max_epochs * len(self._epoch_batches(0)))
         if self.progress_bar is not None and self.is_main:
             self.bar = self.progress_bar(total=total, initial=p.step)
@@ -478,6 +502,8 @@ class Seq2SeqTrainer:
             return "max_steps"
         if p.epoch >= cfg.max_epochs:
             return "max_epochs"
+        if lr_factor(self.scheduler).cooldown_done(p.step):
+            return "cool-down finished (lr 0)"
         if cfg.patience > 0 and p.evals_since_best >= cfg.patience:
             return f"early stopping (no better val {VAL_METRIC} in {cfg.patience} validations)"
         return ""
