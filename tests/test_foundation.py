@@ -101,6 +101,21 @@ def test_ray_binds_to_loopback_only(ray_local):
     assert nodes and all(n["NodeManagerAddress"] == "127.0.0.1" for n in nodes)
 
 
+@pytest.mark.ray
+def test_embedded_ray_workers_silence_the_train_cleaner_warnings(ray_local):
+    """Without a dashboard, Ray Train's placement-group cleaner would log a State API warning
+    every second of every training run; the embedded Ray's workers raise that logger to ERROR."""
+    import logging
+
+    from tiger_ray.ray_env import _TRAIN_CLEANER_LOGGER
+
+    @ray_local.remote(num_cpus=0)
+    def level() -> int:
+        return logging.getLogger(_TRAIN_CLEANER_LOGGER).getEffectiveLevel()
+
+    assert ray_local.get(level.remote()) == logging.ERROR
+
+
 def test_run_layout_ignores_generated_names_only(tmp_path):
     from tiger_ray.runs import RunDir
 

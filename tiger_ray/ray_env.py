@@ -42,6 +42,21 @@ def worker_env_vars() -> dict[str, str]:
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 
+# Ray Train starts a detached "placement group cleaner" beside every training run, which asks the
+# State API once a second whether the controller is still alive. The State API is served by the
+# dashboard, which the embedded Ray does not start, so every check fails and logs a warning:
+# thousands of lines per training run, and nothing lost by silencing them, since on the embedded
+# Ray the placement group goes away with the driver anyway.
+_TRAIN_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_train_cleaner_logs() -> None:
+    """Worker-process setup hook of the embedded Ray (see ``_TRAIN_CLEANER_LOGGER``)."""
+    import logging
+
+    logging.getLogger(_TRAIN_CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) -> bool:
     """Start an embedded loopback-only Ray, or connect to ``address`` / ``RAY_ADDRESS``.
 
@@ -67,6 +82,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
         ray.init(address=address, runtime_env=runtime_env, **kwargs)
         _started_local_ray = False
     else:
+        if not kwargs.get("include_dashboard"):
+            runtime_env.setdefault("worker_process_setup_hook",
+                                   "tiger_ray.ray_env.quiet_train_cleaner_logs")
         ray.init(
             # "local": a new instance even if a `ray start` cluster runs on this machine (without
             # it Ray would join that one, which is neither loopback-only nor ours).
