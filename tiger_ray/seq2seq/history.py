@@ -4,6 +4,7 @@ Events (all carry ``step`` and ``epoch``):
     train   loss (mean over the last log window, all ranks), lr, examples_per_second
     epoch   the same over a whole epoch
     eval    val_recall@5/10, val_ndcg@5/10, val_loss on the validation subset, best_step, seconds
+    cooldown  the learning rate starts its linear anneal to 0, over ``steps`` steps
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def plot_learning_curve(history: list[dict], path: str | Path, title: str = "TIG
         ax_loss.plot([r["step"] for r in with_loss], [r["val_loss"] for r in with_loss],
                      color="tab:blue", ls="--", lw=1.2, label="validation loss")
         ax_loss.legend(loc="upper center", fontsize=8, frameon=False)
+    for r in history:
+        if r.get("event") == "cooldown":
+            ax_loss.axvline(r["step"], color="gray", ls=":", lw=1)
+            ax_loss.annotate("lr cool-down", (r["step"], 1), xycoords=("data", "axes fraction"),
+                             xytext=(3, -12), textcoords="offset points", fontsize=8, color="gray")
     ax_loss.set_xlabel("optimizer step")
     ax_loss.set_ylabel("cross-entropy per token", color="tab:blue")
     ax_loss.grid(alpha=0.3)
@@ -57,7 +63,8 @@ def plot_learning_curve(history: list[dict], path: str | Path, title: str = "TIG
     if evals:
         best = max(evals, key=lambda r: r["val_recall@10"])
         ax_val.annotate(f"best {best['val_recall@10']:.4f}", (best["step"], best["val_recall@10"]),
-                        textcoords="offset points", xytext=(-10, 8), fontsize=8, color="tab:red")
+                        textcoords="offset points", xytext=(-12, -14), ha="right", fontsize=8,
+                        color="tab:red")  # below-left: the best point is often the last, highest one
     ax_val.set_ylabel("validation Recall@10", color="tab:red")
     ax_loss.set_title(title)
     fig.tight_layout()
