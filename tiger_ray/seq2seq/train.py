@@ -379,8 +379,12 @@ class Seq2SeqTrainer:
         budget = self.config.time_budget_minutes * 60.0
         if budget <= 0:
             return False
-        # Leave room for the final validation + checkpoint, measured on the previous one.
-        return time.perf_counter() - started + 1.2 * self._last_eval_seconds >= budget
+        return time.perf_counter() - started + self._final_eval_reserve() >= budget
+
+    def _final_eval_reserve(self) -> float:
+        """Seconds a budgeted run keeps for its final validation + checkpoint, measured on the
+        previous one; the cool-down's length is sized to end before it too."""
+        return 1.2 * self._last_eval_seconds
 
     def _cooldown_vote(self, started: float) -> float:
         """Rank 0's answer to "start the cool-down now, for how many steps?" (0 = not yet)."""
@@ -390,7 +394,7 @@ class Seq2SeqTrainer:
         return float(cooldown_steps_within_budget(
             elapsed=time.perf_counter() - started, budget=cfg.time_budget_minutes * 60.0,
             fraction=cfg.cooldown_fraction, steps_done=p.step - self._fit_start_step,
-            reserve=1.2 * self._last_eval_seconds))
+            reserve=self._final_eval_reserve()))
 
     def _log_window(self, window: _Window, started: float) -> bool:
         """All-reduce the window's sums, record a history point; returns the time-budget vote.
