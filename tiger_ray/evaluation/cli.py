@@ -58,6 +58,15 @@ def register(subparsers) -> None:
                         "is an unseen item, mixing unseen items in by the epsilon rule")
     p.add_argument("--epsilon", type=float, default=0.1,
                    help="cold start: largest share of the top-k given to unseen items (default: 0.1)")
+    p.add_argument("--cold-prefix-len", dest="cold_prefix_len", type=int, default=3,
+                   help="cold start: an unseen item joins a generated ID sharing this many leading "
+                        "codes (default: 3, the paper's; 2 reaches more unseen items)")
+    p.add_argument("--unseen-beam", dest="unseen_beam", type=int, default=0,
+                   help="cold start: also decode this many IDs among the unseen items alone and "
+                        "merge them in by score (default: 0 = the paper's rule only)")
+    p.add_argument("--unseen-quota", dest="unseen_quota", action="store_true",
+                   help="cold start: unseen items get exactly floor(epsilon * k) of the top-k when "
+                        "there are candidates (with --unseen-beam), instead of at most that many")
     p.set_defaults(func=_evaluate)
 
 
@@ -178,7 +187,9 @@ def evaluate_cold(run, args: argparse.Namespace, options: dict) -> dict:
                          f"training; train it with unseen items held out to evaluate cold start")
     retriever = load(run, "tiger", **options)
     return evaluate_cold_start(retriever, run, cold_items, epsilon=args.epsilon, k=args.k,
-                               batch_size=args.batch_size, split=args.split)
+                               batch_size=args.batch_size, split=args.split,
+                               prefix_len=args.cold_prefix_len, unseen_beam=args.unseen_beam,
+                               quota=args.unseen_quota)
 
 
 def dataset_of(run) -> str | None:
@@ -215,6 +226,13 @@ def format_table(result: dict, dataset: str | None) -> str:
 def format_cold(result: dict, run) -> str:
     recalls = "  ".join(f"{key} {value:.4f}" for key, value in result.items()
                         if key.startswith(("recall@", "ndcg@")))
-    return (f"cold start: {result['count']} test users whose target is one of {result['cold_items']} "
-            f"unseen items, epsilon {result['epsilon']}\n{recalls}  unseen share of top-k "
-            f"{result['unseen_share']:.3f}\nwrote {run.eval_dir(result['model'], result['split'])}")
+    n = result["count"]
+    return (f"cold start: {n} {result['split']} users whose target is one of {result['cold_items']} "
+            f"unseen items, epsilon {result['epsilon']}, prefix {result['prefix_len']} codes"
+            + (f", unseen beam {result['unseen_beam']}" if result.get("unseen_beam") else "")
+            + (", unseen quota" if result.get("quota") else "") + "\n"
+            f"{recalls}  unseen share of top-k {result['unseen_share']:.4f}\n"
+            f"reach: {result['prefix_reachable_items']} unseen items share their prefix with a seen "
+            f"item ({result['prefix_reachable_users']} of the {n} targets); the beam generated an "
+            f"unseen item's own ID for {result['generated_unseen_users']} users\n"
+            f"wrote {run.eval_dir(result['model'], result['split'])}")

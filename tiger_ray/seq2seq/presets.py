@@ -122,11 +122,15 @@ TINY_PRESET = dict(
 # to each parameter's scale) with batch 128 reached test R@10 0.0238 in 25 minutes, validation
 # recall still rising. More, smaller steps beat fewer large ones at this budget, so the preset
 # uses those settings and holds lr constant (decay_start beyond any step the budget reaches, as
-# the paper holds it for 10k).
+# the paper holds it for 10k) until the last 20% of the budget, where it anneals linearly to 0
+# (cooldown_fraction; docs/RESULTS.md, "Cold start and cool-down"): on the Beauty cold-start
+# training data, 4,600 steps with the last 920 annealed reached validation Recall@10 0.0415
+# against 0.035 for the same steps at constant lr (one seed each; the validation subset moves by
+# about +-0.005), and validation loss fell from 2.64 at step 3,500 to 2.43.
 CPU_PRESET = dict(
     d_model=128, num_heads=6, head_dim=64, encoder_layers=4, decoder_layers=4, mlp_dim=1024,
     dropout=0.1, batch_size=128, optimizer="adafactor", lr=0.01, warmup_steps=200,
-    decay_start=100_000, precision="auto",
+    decay_start=100_000, cooldown_fraction=0.2, precision="auto",
     max_steps=40_000, time_budget_minutes=55.0, eval_every=500, val_users=2000,
     val_beam_size=20, patience=8, log_every=50,
     workers=2, cpus_per_worker=0.5, torch_threads=1,

@@ -57,11 +57,17 @@ class SemanticIdTrie:
         self.num_items = len(item_ids)
 
     @classmethod
-    def from_semantic_ids(cls, semantic_ids, exclude_items: np.ndarray | None = None) -> "SemanticIdTrie":
-        """Trie over a ``SemanticIds`` table, optionally without some items (e.g. cold-start)."""
+    def from_semantic_ids(cls, semantic_ids, exclude_items: np.ndarray | None = None,
+                          only_items: np.ndarray | None = None) -> "SemanticIdTrie":
+        """Trie over a ``SemanticIds`` table, optionally without some items or with only some
+        (e.g. the unseen items of the cold-start evaluation)."""
         keep = np.ones(semantic_ids.num_items, dtype=bool)
         if exclude_items is not None:
             keep &= ~np.isin(semantic_ids.item_ids, exclude_items)
+        if only_items is not None:
+            keep &= np.isin(semantic_ids.item_ids, only_items)
+        if not keep.any():
+            raise ValueError("the trie would hold no items")
         return cls(semantic_ids.item_ids[keep], semantic_ids.codes[keep], semantic_ids.codebook_sizes)
 
     def to(self, device) -> "SemanticIdTrie":
