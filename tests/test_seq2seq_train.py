@@ -257,6 +257,7 @@ def test_cooldown_by_steps_and_by_time_budget(tiny):
     lr = {r["step"]: r["lr"] for r in trainer.history if r["event"] == "train"}
     assert lr[20] == pytest.approx(config.lr) and lr[30] == pytest.approx(config.lr / 2)
     assert lr[40] == pytest.approx(0.0) and summary["stop_reason"] == "max_steps"
+    assert [(r["step"], r["steps"]) for r in trainer.history if r["event"] == "cooldown"] == [(20, 20)]
     # With a time budget the anneal starts when 60% of it is left, sized by the measured speed,
     # and the run ends at lr 0 or at the budget, whichever comes first.
     by_time = dataclasses.replace(config, max_steps=10**6, time_budget_minutes=0.05, log_every=1,

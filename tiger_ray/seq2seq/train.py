@@ -410,6 +410,11 @@ class Seq2SeqTrainer:
                                  "steps": int(cooldown)})
             if self.is_main:
                 log.info("time budget: annealing lr to 0 over the next %d steps", int(cooldown))
+        factor = lr_factor(self.scheduler)
+        if factor.cooling(p.step) and not any(r.get("event") == "cooldown" for r in self.history):
+            # a cool-down scheduled by steps at start-up: recorded once it has begun
+            self.history.append({"event": "cooldown", "step": factor.cooldown_start,
+                                 "epoch": p.epoch, "steps": factor.cooldown_steps})
         loss = loss_sum / max(steps, 1)
         rate = examples / window.seconds if window.seconds > 0 else 0.0
         lr = self.scheduler.get_last_lr()[0]
