@@ -162,7 +162,7 @@ def mix_cold_items(items: np.ndarray, scores: np.ndarray, codes: np.ndarray, ind
     is_cold[index.items] = True
     matches = index.matching(codes)
     for b in range(B):
-        ranked = {False: [], True: []}  # seen / unseen candidates, best first, each item once
+        ranked = []  # (score, rank j, item): each ID's item, then its prefix matches; each once
         taken: set[int] = set()
         for j in range(width):
             if items[b, j] < 0:
@@ -170,14 +170,14 @@ def mix_cold_items(items: np.ndarray, scores: np.ndarray, codes: np.ndarray, ind
             for item in (int(items[b, j]), *matches[b * width + j].tolist()):
                 if item not in taken:
                     taken.add(item)
-                    ranked[bool(is_cold[item])].append((float(scores[b, j]), j, item))
+                    ranked.append((float(scores[b, j]), j, item))
         if quota:
-            chosen_unseen = ranked[True][:budget]
-            chosen = sorted(ranked[False][:k - len(chosen_unseen)] + chosen_unseen,
-                            key=lambda c: (-c[0], c[1]))
+            chosen_unseen = [c for c in ranked if is_cold[c[2]]][:budget]
+            chosen_seen = [c for c in ranked if not is_cold[c[2]]][:k - len(chosen_unseen)]
+            chosen = sorted(chosen_seen + chosen_unseen, key=lambda c: (-c[0], c[1]))
         else:  # walk the ranked list; unseen items only while the budget lasts
             chosen, used = [], 0
-            for cand in sorted(ranked[False] + ranked[True], key=lambda c: c[1]):
+            for cand in ranked:
                 if len(chosen) == k:
                     break
                 cold = bool(is_cold[cand[2]])

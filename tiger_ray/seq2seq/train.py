@@ -404,15 +404,14 @@ class Seq2SeqTrainer:
         loss_sum, steps, examples, stop, cooldown = self._all_sum(
             [window.loss_sum, window.steps, window.examples, stop_vote, self._cooldown_vote(started)])
         p = self.progress
+        factor = lr_factor(self.scheduler)
         if cooldown > 0:
-            lr_factor(self.scheduler).start_cooldown(p.step, int(cooldown))
-            self.history.append({"event": "cooldown", "step": p.step, "epoch": p.epoch,
-                                 "steps": int(cooldown)})
+            factor.start_cooldown(p.step, int(cooldown))
             if self.is_main:
                 log.info("time budget: annealing lr to 0 over the next %d steps", int(cooldown))
-        factor = lr_factor(self.scheduler)
-        if factor.cooling(p.step) and not any(r.get("event") == "cooldown" for r in self.history):
-            # a cool-down scheduled by steps at start-up: recorded once it has begun
+        if factor.cooling(p.step) and not factor.cooling(p.step - window.steps):
+            # the cool-down began in this window (started by the budget just now, or scheduled
+            # by steps at start-up): one history event, wherever it came from
             self.history.append({"event": "cooldown", "step": factor.cooldown_start,
                                  "epoch": p.epoch, "steps": factor.cooldown_steps})
         loss = loss_sum / max(steps, 1)
