@@ -10,6 +10,7 @@ machine distorts less) and the ratios.
     python benchmarks/bench_seq2seq_vs_t5.py                       # Beauty-shaped synthetic data
     python benchmarks/bench_seq2seq_vs_t5.py --run runs/beauty      # the real training examples
     python benchmarks/bench_seq2seq_vs_t5.py --precision fp32       # ours in fp32 too
+    python benchmarks/bench_seq2seq_vs_t5.py --compile              # ours also under torch.compile
 
 Our step runs in the precision the trainer would pick (``auto``: bf16 autocast on CPUs with native
 bf16); T5 runs in fp32 (what HF training does by default) and, when ours differs, also under the
@@ -37,8 +38,8 @@ from tiger_ray.seq2seq.model import TigerSeq2Seq  # noqa: E402
 from tiger_ray.seq2seq.presets import Seq2SeqTrainConfig  # noqa: E402
 from tiger_ray.seq2seq.schedule import inverse_sqrt_schedule  # noqa: E402
 from tiger_ray.seq2seq.tokenizer import SemanticIdTokenizer  # noqa: E402
-from tiger_ray.seq2seq.train import (make_optimizer, model_config, resolve_precision,  # noqa: E402
-                                     training_step)
+from tiger_ray.seq2seq.train import (compile_for_training, make_optimizer, model_config,  # noqa: E402
+                                     resolve_precision, training_step)
 
 
 def beauty_like(n_users: int = 22363, n_items: int = 12101, seed: int = 0) -> tuple[Sequences, SemanticIds]:
@@ -123,6 +124,9 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="our training step's precision, resolved as the trainer does (auto = "
                              "bf16 where native); T5 runs in fp32 and, if different, also in this")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time our model under torch.compile (the trainer's --compile); "
+                             "ratios are then printed for the eager and the compiled step")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -150,6 +154,10 @@ def main(argv=None) -> int:
     models = {}
     torch.manual_seed(0)
     models["tiger_ray"] = (TigerSeq2Seq(model_config(cfg, tokenizer)), ours_precision)
+    if args.compile:
+        torch.manual_seed(0)
+        models["tiger_ray_compiled"] = (compile_for_training(TigerSeq2Seq(model_config(cfg, tokenizer))),
+                                        ours_precision)
     for precision in dict.fromkeys(["fp32", ours_precision]):  # T5 at fp32, and at ours if other
         torch.manual_seed(0)
         models[f"hf_t5_{precision}"] = (T5Adapter(t5_model(tokenizer.vocab_size, cfg)), precision)
@@ -168,19 +176,22 @@ def main(argv=None) -> int:
                          "examples_per_cpu_second": s["examples"] / s["cpu_seconds"],
                          "ms_per_step": 1000 * s["seconds"] / steps,
                          "loss_first": s["losses"][0], "loss_last": s["losses"][-1]}
-        print(f"{name:14s} {precision}  {params / 1e6:5.2f}M params {s['examples'] / s['seconds']:7.0f} "
+        print(f"{name:18s} {precision}  {params / 1e6:5.2f}M params {s['examples'] / s['seconds']:7.0f} "
               f"examples/s ({s['examples'] / s['cpu_seconds']:6.0f} per CPU-second) "
               f"{1000 * s['seconds'] / steps:7.1f} ms/step  loss {s['losses'][0]:.3f} -> {s['losses'][-1]:.3f}")
     print(f"({source}; batch {cfg.batch_size}, {results['timed_steps']} timed steps, "
           f"{torch.get_num_threads()} threads, padding {100 * results['padding_fraction']:.1f}%)")
-    ours_stats = results["tiger_ray"]
-    for name in models:
-        if name == "tiger_ray":
-            continue
-        wall = ours_stats["examples_per_second"] / results[name]["examples_per_second"]
-        cpu = ours_stats["examples_per_cpu_second"] / results[name]["examples_per_cpu_second"]
-        results[f"speedup_vs_{name}"] = {"wall_clock": wall, "cpu_time": cpu}
-        print(f"speed-up tiger_ray ({ours_precision}) / {name}: {wall:.2f}x wall-clock, {cpu:.2f}x CPU time")
+    ours_names = [name for name in models if name.startswith("tiger_ray")]
+    for ours in ours_names:
+        suffix = ours[len("tiger_ray"):]  # "" for the eager step, "_compiled"
+        for name in models:
+            if name in ours_names:
+                continue
+            wall = results[ours]["examples_per_second"] / results[name]["examples_per_second"]
+            cpu = results[ours]["examples_per_cpu_second"] / results[name]["examples_per_cpu_second"]
+            results[f"speedup{suffix}_vs_{name}"] = {"wall_clock": wall, "cpu_time": cpu}
+            print(f"speed-up {ours} ({ours_precision}) / {name}: {wall:.2f}x wall-clock, "
+                  f"{cpu:.2f}x CPU time")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

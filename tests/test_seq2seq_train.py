@@ -295,3 +295,16 @@ def test_cold_start_items_never_reach_the_training_examples(synthetic_run):
     full = prepare_payload(synthetic_run, dataclasses.replace(config, cold_start_fraction=0.0))
     assert len(full["cold_items"]) == 0
     assert len(train["targets"]) < len(full["train"]["targets"])
+
+
+def test_compiled_training_matches_eager(tiny):
+    """--compile changes the kernels, not the arithmetic: with dropout off, the compiled training
+    steps land on the eager ones' weights, across length buckets (dynamic shapes)."""
+    config, tokenizer, train, valid, _ = tiny
+    config = dataclasses.replace(config, max_steps=12, eval_every=12, dropout=0.0, precision="fp32")
+    eager, _ = train_local(config, tokenizer, train, valid)
+    compiled, summary = train_local(dataclasses.replace(config, compile=True), tokenizer, train, valid)
+    assert summary["steps"] == 12
+    assert type(compiled.ddp).__name__ == "OptimizedModule"
+    for name, value in eager.model.state_dict().items():
+        torch.testing.assert_close(compiled.model.state_dict()[name], value, rtol=1e-4, atol=1e-5)

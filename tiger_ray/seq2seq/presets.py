@@ -48,6 +48,10 @@ class Seq2SeqTrainConfig:
         "help": "bf16 = autocast matmuls to bfloat16 (fp32 weights and optimizer); auto = bf16 "
                 "where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16 or "
                 "AMX), fp32 elsewhere"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the training forward/backward (fused kernels; the first steps "
+                "pay a one-off compile, inference stays eager). Off in both presets: on the 2-core "
+                "CPU it measured slower than eager (docs/RESULTS.md); unmeasured on GPU"})
     bucket_chunk_batches: int = field(default=64, metadata={
         "help": "length bucketing: sort by length within chunks of this many batches"})
     seed: int = field(default=0, metadata={"help": "random seed (init, data order, dropout)"})

@@ -78,6 +78,12 @@ def make_optimizer(model: torch.nn.Module, config: Seq2SeqTrainConfig) -> torch.
         return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), foreach=True)
 
 
+def compile_for_training(model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile for training steps. Source lengths change from batch to batch (length
+    buckets), so shapes are compiled dynamic from the start: a graph or two, not one per length."""
+    return torch.compile(model, dynamic=True)
+
+
 def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, batch, *,
                   precision: str = "fp32", grad_clip: float = 0.0, clip_parameters=None) -> float:
     """Forward (teacher forcing), token cross-entropy, backward, clip, AdamW step, LR step.
@@ -188,6 +194,8 @@ class Seq2SeqTrainer:
         self.precision = resolve_precision(config.precision, self.device)
         self.model = unwrap(model).to(self.device)  # plain module: validation, state dicts
         self.ddp = wrap(self.model) if wrap else self.model  # what training steps call
+        if config.compile:  # compiles on the first steps; validation decodes with the eager model
+            self.ddp = compile_for_training(self.ddp)
         self.tokenizer = tokenizer
         self.train_data = train_data
         self.lengths = train_data.lengths
