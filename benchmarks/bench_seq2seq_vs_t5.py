@@ -11,6 +11,7 @@ machine distorts less) and the ratios.
     python benchmarks/bench_seq2seq_vs_t5.py --run runs/beauty      # the real training examples
     python benchmarks/bench_seq2seq_vs_t5.py --precision fp32       # ours in fp32 too
     python benchmarks/bench_seq2seq_vs_t5.py --compile              # ours also under torch.compile
+    python benchmarks/bench_seq2seq_vs_t5.py --bernoulli            # ours also with nn.Dropout masks
 
 Our step runs in the precision the trainer would pick (``auto``: bf16 autocast on CPUs with native
 bf16); T5 runs in fp32 (what HF training does by default) and, when ours differs, also under the
@@ -20,7 +21,7 @@ same autocast, so both the as-shipped and the like-for-like ratios are printed.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tiger_ray import atomic  # noqa: E402
 from tiger_ray.data.schema import Sequences, read_sequences  # noqa: E402
 from tiger_ray.data.split import build_examples  # noqa: E402
 from tiger_ray.semantic_ids.table import SemanticIds, read_semantic_ids  # noqa: E402
@@ -127,6 +129,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="also time our model under torch.compile (the trainer's --compile); "
                              "ratios are then printed for the eager and the compiled step")
+    parser.add_argument("--bernoulli", action="store_true",
+                        help="also time our model with dropout_masks=bernoulli (nn.Dropout and SDPA "
+                             "attention dropout), to show what the random-bits masks buy")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -158,11 +163,16 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         models["tiger_ray_compiled"] = (compile_for_training(TigerSeq2Seq(model_config(cfg, tokenizer))),
                                         ours_precision)
+    if args.bernoulli:
+        torch.manual_seed(0)
+        bernoulli_cfg = model_config(dataclasses.replace(cfg, dropout_masks="bernoulli"), tokenizer)
+        models["tiger_ray_bernoulli"] = (TigerSeq2Seq(bernoulli_cfg), ours_precision)
     for precision in dict.fromkeys(["fp32", ours_precision]):  # T5 at fp32, and at ours if other
         torch.manual_seed(0)
         models[f"hf_t5_{precision}"] = (T5Adapter(t5_model(tokenizer.vocab_size, cfg)), precision)
-    results = {"source": source, "examples": len(data), "vocab_size": tokenizer.vocab_size,
-               "batch_size": cfg.batch_size, "timed_steps": len(batches) - args.warmup,
+    results = {"source": source, "dropout_masks": cfg.dropout_masks, "examples": len(data),
+               "vocab_size": tokenizer.vocab_size, "batch_size": cfg.batch_size,
+               "timed_steps": len(batches) - args.warmup,
                "padding_fraction": padding_fraction(data, plan), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "transformers": transformers_version()}
     stats = time_interleaved(models, batches, cfg, args.warmup)
@@ -183,7 +193,7 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} threads, padding {100 * results['padding_fraction']:.1f}%)")
     ours_names = [name for name in models if name.startswith("tiger_ray")]
     for ours in ours_names:
-        suffix = ours[len("tiger_ray"):]  # "" for the eager step, "_compiled"
+        suffix = ours[len("tiger_ray"):]  # "" for the default step, "_compiled", "_bernoulli"
         for name in models:
             if name in ours_names:
                 continue
@@ -193,7 +203,8 @@ def main(argv=None) -> int:
             print(f"speed-up {ours} ({ours_precision}) / {name}: {wall:.2f}x wall-clock, "
                   f"{cpu:.2f}x CPU time")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(args.json, results)
     return 0
 
 

@@ -5,6 +5,9 @@ The encoder reads ``[user token] + 4 tokens per history item``; the decoder emit
 d_model 128, MLP 1024, ReLU, dropout 0.1). Design choices, all for speed and simplicity:
 
 - pre-norm residual blocks, ``F.scaled_dot_product_attention`` (fused kernels on CPU and GPU);
+- on CPU, dropout masks from random bits rather than one Bernoulli draw per element
+  (``dropout.py``); in training the attention is then written out so its probabilities get the
+  same cheap masks;
 - attention projects d_model -> heads x head_dim -> d_model (6 x 64 = 384 != 128 in the paper);
 - learned absolute positions; encoder positions count back from the newest token, so "the last
   item" has the same position whatever the history length or the padding side;
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 
 from tiger_ray import atomic
 from tiger_ray.semantic_ids.table import CODE_COLUMNS, SemanticIds
+from tiger_ray.seq2seq.dropout import Dropout, DropoutMasks, random_bits_dropout, uses_random_bits
 from tiger_ray.seq2seq.tokenizer import PAD, SemanticIdTokenizer
 
 
@@ -47,6 +51,22 @@ class Seq2SeqConfig:
     activation: Literal["relu", "gelu"] = field(default="relu", metadata={"help": "MLP activation"})
     tie_embeddings: bool = field(default=False, metadata={"help": "share input embedding and output layer"})
     norm_eps: float = field(default=1e-6, metadata={"help": "LayerNorm epsilon"})
+    dropout_masks: DropoutMasks = field(default="auto", metadata={
+        "help": "random_bits: masks from 16-bit slices of random words (p rounded to 1/65536); "
+                "bernoulli: F.dropout and SDPA's attention dropout; auto: random_bits on CPU"})
+
+
+def attention_with_dropout(q, k, v, mask, is_causal: bool, p: float) -> torch.Tensor:
+    """Attention written out, for training: SDPA applies its attention dropout with bernoulli_
+    masks (and on CPU leaves its fused kernel for it), so we drop the probabilities ourselves."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, T, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if is_causal:
+        T, S = scores.shape[-2:]
+        future = torch.ones(T, S, dtype=torch.bool, device=scores.device).triu_(S - T + 1)
+        scores = scores.masked_fill(future, float("-inf"))
+    return random_bits_dropout(scores.softmax(-1), p) @ v
 
 
 class Attention(nn.Module):
@@ -55,6 +75,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: Seq2SeqConfig, cross: bool):
         super().__init__()
         self.h, self.dh, self.cross, self.p = cfg.num_heads, cfg.head_dim, cross, cfg.dropout
+        self.masks = cfg.dropout_masks
         inner = cfg.num_heads * cfg.head_dim
         if cross:
             self.q = nn.Linear(cfg.d_model, inner, bias=False)
@@ -81,8 +102,11 @@ class Attention(nn.Module):
             q, k, v = map(self.heads, self.qkv(x).chunk(3, dim=-1))
             if cache is not None:
                 k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.p if self.training else 0.0)
+        if self.training and self.p > 0 and uses_random_bits(self.masks, q.device):
+            y = attention_with_dropout(q, k, v, mask, is_causal, self.p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               dropout_p=self.p if self.training else 0.0)
         return self.out(y.transpose(1, 2).flatten(2)), (k, v)
 
 
@@ -92,7 +116,7 @@ class MLP(nn.Module):
         self.up = nn.Linear(cfg.d_model, cfg.mlp_dim, bias=False)
         self.down = nn.Linear(cfg.mlp_dim, cfg.d_model, bias=False)
         self.act = nn.ReLU() if cfg.activation == "relu" else nn.GELU()
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout, cfg.dropout_masks)
 
     def forward(self, x):
         return self.down(self.drop(self.act(self.up(x))))
@@ -105,7 +129,7 @@ class EncoderLayer(nn.Module):
         self.attn = Attention(cfg, cross=False)
         self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=False)
         self.mlp = MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout, cfg.dropout_masks)
 
     def forward(self, x, mask):
         x = x + self.drop(self.attn(self.norm1(x), mask=mask)[0])
@@ -121,7 +145,7 @@ class DecoderLayer(nn.Module):
         self.cross_attn = Attention(cfg, cross=True)
         self.norm3 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=False)
         self.mlp = MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout, cfg.dropout_masks)
 
     def forward(self, x, kv, mask, cache=None):
         """x [B, K, T, D]: K target sequences (beams) per source row share its memory ``kv``.
@@ -149,7 +173,7 @@ class TigerSeq2Seq(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, c.d_model, padding_idx=PAD)
         self.source_pos = nn.Embedding(c.max_source_len, c.d_model)
         self.target_pos = nn.Embedding(c.max_target_len, c.d_model)
-        self.drop = nn.Dropout(c.dropout)
+        self.drop = Dropout(c.dropout, c.dropout_masks)
         self.encoder = nn.ModuleList(EncoderLayer(c) for _ in range(c.encoder_layers))
         self.encoder_norm = nn.LayerNorm(c.d_model, eps=c.norm_eps, bias=False)
         self.decoder = nn.ModuleList(DecoderLayer(c) for _ in range(c.decoder_layers))

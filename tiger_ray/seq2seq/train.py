@@ -47,6 +47,7 @@ def model_config(config: Seq2SeqTrainConfig, tokenizer: SemanticIdTokenizer) -> 
         vocab_size=tokenizer.vocab_size, d_model=config.d_model, num_heads=config.num_heads,
         head_dim=config.head_dim, encoder_layers=config.encoder_layers,
         decoder_layers=config.decoder_layers, mlp_dim=config.mlp_dim, dropout=config.dropout,
+        dropout_masks=config.dropout_masks,
         max_source_len=tokenizer.max_source_len, max_target_len=tokenizer.tokens_per_item + 1)
 
 
