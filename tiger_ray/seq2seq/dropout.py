@@ -1,11 +1,11 @@
 """Dropout whose masks come from 16-bit slices of 64-bit random draws: same distribution, less RNG.
 
 On CPU, ``nn.Dropout`` draws one Bernoulli sample per element (``bernoulli_``); in our training
-step that was the single largest op (about a quarter of the step in a profile). A mask only needs ~17 random bits per element, so we draw int64 words with
-``random_`` (one generator call per 4 elements), view them as int16 and keep an element when its
-16 bits clear a threshold. The drop probability is then ``round(p * 65536) / 65536`` (0.100006
-for p = 0.1), the scale ``1 / (1 - that)``, and every element is independent, as with
-``nn.Dropout``. Masks come from torch's default generator, so ``torch.manual_seed`` reproduces them.
+step that was the single largest op (about a quarter of the step in an ad-hoc profile). Sixteen
+random bits per element set p to 1/65536, so we draw int64 words with ``random_`` (one generator
+call per 4 elements), view them as int16 and keep an element when its 16 bits clear a threshold.
+The drop probability is then ``round(p * 65536) / 65536`` (0.100006 for p = 0.1), the scale
+``1 / (1 - that)``, and every element is independent, as with ``nn.Dropout``. Masks come from torch's default generator, so ``torch.manual_seed`` reproduces them.
 
 The mask is built once in the input's dtype with the scale folded in (in bf16 the scale is
 rounded to bf16, as nn.Dropout's bf16 masks round it), so forward and backward are one multiply
@@ -55,7 +55,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype,
 
 
 def uses_random_bits(masks: DropoutMasks, device: torch.device) -> bool:
-    """'auto' takes random bits on CPU, where they measured 1.5x faster training steps
+    """'auto' takes random bits on CPU, where they measured 1.35-1.5x faster training steps
     (docs/RESULTS.md), and PyTorch's own dropout elsewhere: on CUDA ``F.dropout`` and SDPA's
     attention dropout are single fused kernels (not measured here: no GPU)."""
     if masks == "auto":
