@@ -5,7 +5,8 @@ step that was the single largest op (about a quarter of the step in an ad-hoc pr
 random bits per element set p to 1/65536, so we draw int64 words with ``random_`` (one generator
 call per 4 elements), view them as int16 and keep an element when its 16 bits clear a threshold.
 The drop probability is then ``round(p * 65536) / 65536`` (0.100006 for p = 0.1), the scale
-``1 / (1 - that)``, and every element is independent, as with ``nn.Dropout``. Masks come from torch's default generator, so ``torch.manual_seed`` reproduces them.
+``1 / (1 - that)``, and every element is independent, as with ``nn.Dropout``. Masks come from
+torch's default generator, so ``torch.manual_seed`` reproduces them.
 
 The mask is built once in the input's dtype with the scale folded in (in bf16 the scale is
 rounded to bf16, as nn.Dropout's bf16 masks round it), so forward and backward are one multiply
