@@ -203,8 +203,7 @@ def main(argv=None) -> int:
             print(f"speed-up {ours} ({ours_precision}) / {name}: {wall:.2f}x wall-clock, "
                   f"{cpu:.2f}x CPU time")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(args.json, results)
+        atomic.write_json(args.json, results)  # creates the directory, writes via a temp name
     return 0
 
 

@@ -17,7 +17,8 @@ default, "auto", takes random bits on CPU and PyTorch's fused kernels on GPUs.
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -42,9 +43,7 @@ def effective_p(p: float) -> float:
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype,
               device: torch.device | str = "cpu") -> torch.Tensor:
     """Scaled keep mask: ``1 / (1 - p')`` with probability ``1 - p'``, else 0 (p' = effective_p)."""
-    numel = 1
-    for n in shape:
-        numel *= n
+    numel = math.prod(shape)
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
     # (Almost) the full int64 range, so each of a word's four 16-bit slices is uniform over int16;
     # ``random_()`` without bounds would leave the sign bit 0 and bias the top slice.
@@ -64,11 +63,9 @@ def uses_random_bits(masks: DropoutMasks, device: torch.device) -> bool:
     return masks == "random_bits"
 
 
-def random_bits_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """Dropout with random-bits masks (functional; ``Dropout`` picks it by ``masks``)."""
-    if not training or p == 0.0:
-        return x
-    return x * keep_mask(x.shape, p, x.dtype, x.device)
+def random_bits_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-mode dropout with random-bits masks (``Dropout`` picks it by ``masks``)."""
+    return x if p == 0.0 else x * keep_mask(x.shape, p, x.dtype, x.device)
 
 
 class Dropout(nn.Module):
@@ -77,8 +74,8 @@ class Dropout(nn.Module):
     def __init__(self, p: float = 0.1, masks: DropoutMasks = "auto"):
         super().__init__()
         drop_threshold(p)  # validates p
-        if masks not in ("auto", "random_bits", "bernoulli"):
-            raise ValueError(f"dropout_masks must be 'auto', 'random_bits' or 'bernoulli', got {masks!r}")
+        if masks not in get_args(DropoutMasks):
+            raise ValueError(f"dropout_masks must be one of {get_args(DropoutMasks)}, got {masks!r}")
         self.p, self.masks = p, masks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
