@@ -128,6 +128,80 @@ def test_catalog_requires_dense_ids():
         Catalog(pa.table({"item_id": pa.array([1, 3], pa.int64()), "asin": ["a", "b"], "title": ["a", "b"]}))
 
 
+def _write_items(path, n, parts=1):
+    import pyarrow.parquet as pq
+
+    from tiger_ray.data.schema import ITEMS_SCHEMA
+
+    ids = np.arange(1, n + 1)
+    table = pa.table({"item_id": ids, "asin": [f"A{i:07d}" for i in ids], "title": [f"t{i}" for i in ids],
+                      "brand": [None] * n, "categories": [[["C", str(i % 3)]] for i in ids],
+                      "price": [float(i) for i in ids], "text": [f"t{i}" for i in ids]},
+                     schema=ITEMS_SCHEMA)
+    if parts == 1:
+        pq.write_table(table, path)
+        return
+    path.mkdir()
+    for j, lo in enumerate(range(0, n, -(-n // parts))):
+        pq.write_table(table.slice(lo, -(-n // parts)), path / f"part-{j:05d}.parquet")
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_catalog_from_run_is_memory_mapped_and_answers_like_the_table(tmp_path, parts):
+    from tiger_ray.runs import RunDir
+
+    run = RunDir(tmp_path)
+    _write_items(run.items, 1000, parts)
+    catalog = Catalog.from_run(run)
+    directory = run.root / "serving" / "catalog"
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "asin_hash.npy", "asin_item.npy", "items.arrow", "source.json"]
+    # Zero-copy: the ASIN index is a memory map, not a copy in this process's heap.
+    assert isinstance(catalog._asin_index.hashes, np.memmap)
+    assert catalog.size == 1000
+    assert catalog.ids_of_asins(["A0000999", "A0000001", "nope"]).tolist() == [999, 1, 0]
+    assert catalog.details(500)["title"] == "t500" and catalog.details(500)["categories"] == [["C", "2"]]
+    assert catalog.items(np.array([7]))[0] == {"item_id": 7, "asin": "A0000007", "title": "t7"}
+    # 12 bytes per item for the ASIN index (8-byte hash + 4-byte id).
+    assert (directory / "asin_hash.npy").stat().st_size + (directory / "asin_item.npy").stat().st_size \
+        < 12 * 1000 + 512
+
+
+def test_catalog_files_are_rebuilt_when_items_change(tmp_path):
+    from tiger_ray.runs import RunDir
+
+    run = RunDir(tmp_path)
+    _write_items(run.items, 10)
+    assert Catalog.from_run(run).size == 10
+    run.items.unlink()
+    _write_items(run.items, 20)
+    assert Catalog.from_run(run).size == 20
+
+
+def test_catalog_rejects_items_out_of_order_across_parts(tmp_path):
+    from tiger_ray.runs import RunDir
+
+    run = RunDir(tmp_path)
+    _write_items(run.items, 30, parts=3)
+    parts = sorted(run.items.iterdir())
+    parts[0].rename(run.items / "part-99999.parquet")  # first ids now come last
+    with pytest.raises(ValueError, match="item_id must be 1..N in row order"):
+        Catalog.from_run(run)
+    assert not (run.root / "serving" / "catalog").exists()  # nothing half-built left behind
+
+
+def test_asin_lookup_confirms_hash_matches_on_the_asin_column():
+    from tiger_ray.serving.catalog import AsinIndex, hash_strings
+
+    asins = pa.array(["x", "y", "z"])
+    # Force a collision: all three share one hash; only the true ASIN may match.
+    index = AsinIndex(np.zeros(3, np.uint64), np.array([1, 2, 3], np.uint32))
+    index.hashes[:] = hash_strings(pa.array(["y"]))[0]
+    assert index.lookup(["y", "z"], asins).tolist() == [2, 0]
+    assert hash_strings(pa.array(["B0A", "B0A\0", "", None])).tolist()[:2] != [0, 0]
+    assert len(set(hash_strings(pa.array(["B0A", "B0A\0", ""])).tolist())) == 3
+
+
 # ---------------------------------------------------------------- batched answering with the real models
 
 @pytest.fixture(scope="module")
