@@ -174,3 +174,75 @@ def test_gpu_actors_on_a_cluster_without_gpus_yet():
     assert (pool.min_size, pool.max_size, pool.request) == (1, 1, [{"GPU": 1}])
     pool = _pool({"CPU": 8.0}, True, workers=2, use_gpu=True)
     assert (pool.min_size, pool.max_size, pool.request) == (1, 2, [{"GPU": 1}] * 2)
+
+
+# ------------------------------------------------------------------ vectors.npy (memory-mapped)
+
+
+def _sharded_embeddings(run: RunDir, n: int = 50, dim: int = 4) -> np.ndarray:
+    """n items in three shards written out of id order; returns the [n+1, dim] expected matrix."""
+    run.embeddings.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    expected = np.zeros((n + 1, dim), np.float32)
+    expected[1:] = rng.normal(size=(n, dim))
+    ids = rng.permutation(np.arange(1, n + 1))
+    files = [write_shard(run.embeddings, part, expected[part], KEY) for part in np.array_split(ids, 3)]
+    write_manifest(run.embeddings, files, model="m", dim=dim, normalized=False, count=n, source=KEY)
+    atomic.write_json(run.stats, {"items": n})
+    return expected
+
+
+@pytest.mark.ray
+def test_vectors_file_rows_are_item_ids_and_open_read_only(tmp_path, ray_local):
+    from tiger_ray.embedding.store import VECTORS_FILE, open_vectors, write_vectors_file
+
+    run = RunDir(tmp_path)
+    expected = _sharded_embeddings(run)
+    path = write_vectors_file(run)
+    assert path == run.embeddings / VECTORS_FILE
+    assert np.lib.format.open_memmap(path, mode="r").shape == (51, 4)
+    vectors = open_vectors(run)
+    assert isinstance(vectors, np.memmap) and not vectors.flags.writeable
+    np.testing.assert_array_equal(np.asarray(vectors), expected)
+    assert not vectors[0].any()
+    with pytest.raises(ValueError):
+        vectors[1, 0] = 1.0
+    half = write_vectors_file(run, dtype="float16")
+    np.testing.assert_allclose(np.load(half, mmap_mode="r"), expected, atol=2e-3)
+
+
+@pytest.mark.ray
+def test_half_written_vectors_are_never_opened_as_complete(tmp_path, ray_local):
+    from tiger_ray.embedding.store import VECTORS_FILE, VECTORS_META, open_vectors
+
+    run = RunDir(tmp_path)
+    expected = _sharded_embeddings(run)
+    # A writer killed mid-way leaves its temp file (garbage rows) and no vectors.npy.
+    tmp = run.embeddings / f".{VECTORS_FILE}.tmp-deadbeef"
+    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(51, 4))[:] = 7.0
+    vectors = open_vectors(run)
+    np.testing.assert_array_equal(np.asarray(vectors), expected)
+    assert not tmp.exists() and not list(run.embeddings.glob(".*.tmp-*"))
+    # Killed after the rename but before vectors.json: the matrix is rebuilt, not trusted.
+    del vectors
+    (run.embeddings / VECTORS_META).unlink()
+    np.lib.format.open_memmap(run.embeddings / VECTORS_FILE, mode="r+")[:] = 7.0
+    np.testing.assert_array_equal(np.asarray(open_vectors(run)), expected)
+    # New embeddings (a changed manifest) make it stale too.
+    atomic.write_json(run.embeddings / MANIFEST, {**json.loads((run.embeddings / MANIFEST).read_text()),
+                                                  "model": "other"})
+    before = (run.embeddings / VECTORS_FILE).stat().st_mtime_ns
+    open_vectors(run)
+    assert (run.embeddings / VECTORS_FILE).stat().st_mtime_ns != before
+
+
+@pytest.mark.ray
+def test_vectors_file_refuses_embeddings_that_miss_items(tmp_path, ray_local):
+    from tiger_ray.embedding.store import VECTORS_FILE, write_vectors_file
+
+    run = RunDir(tmp_path)
+    _sharded_embeddings(run)
+    atomic.write_json(run.stats, {"items": 60})
+    with pytest.raises(ValueError, match="60 items"):
+        write_vectors_file(run)
+    assert not (run.embeddings / VECTORS_FILE).exists()

@@ -223,3 +223,96 @@ def read_embeddings_dataset(run: RunDir):
     init_ray()
     return ray.data.read_parquet(paths).map_batches(_as_tensor_batch, batch_format="pyarrow",
                                                     batch_size=None)
+
+
+# ------------------------------------------------------------------ the memory-mapped matrix
+
+VECTORS_FILE = "vectors.npy"  # [N+1, dim], row = item_id, row 0 zeros (numpy .npy)
+VECTORS_META = "vectors.json"  # written after the rename: the manifest it was made from
+
+
+def _vectors_key(directory: Path, dtype: str) -> dict:
+    # Tied to the manifest's content: new embeddings (a re-run of `tiger embed`) make it stale.
+    import hashlib
+
+    digest = hashlib.sha256((directory / MANIFEST).read_bytes()).hexdigest()
+    return {"manifest_sha256": digest, "dtype": np.dtype(dtype).name}
+
+
+def _write_rows(batch: dict, path: str, num_items: int) -> dict:
+    """Ray Data task: writes its batch's rows into the driver's open_memmap (rows are disjoint)."""
+    ids = np.asarray(batch["item_id"], dtype=np.int64)
+    if len(ids) and (ids.min() < 1 or ids.max() > num_items):
+        raise ValueError(f"{path}: embedding item_id outside 1..{num_items}")
+    out = np.load(path, mmap_mode="r+")
+    out[ids] = batch["embedding"]
+    out.flush()
+    del out
+    return {"rows": np.array([len(ids)], dtype=np.int64),
+            "id_sum": np.array([int(ids.sum())], dtype=np.int64)}
+
+
+def write_vectors_file(run: RunDir, dtype: str = "float32") -> Path:
+    """Write RUN/embeddings/vectors.npy: the embeddings as one [N+1, dim] matrix, row = item_id.
+
+    The driver creates the file (np.lib.format.open_memmap, so it never holds the matrix) under a
+    temp name; Ray Data tasks stream the Parquet shards into their rows; the file is renamed only
+    once every row is written, and vectors.json (which ``open_vectors`` requires) comes after it.
+    On a multi-node cluster RUN must be on storage every node sees.
+    """
+    directory = run.require(run.embeddings / MANIFEST, "tiger embed").parent
+    manifest = Manifest.read(directory)
+    num_items = manifest.count
+    if run.stats.exists():
+        num_items = int(atomic.read_json(run.stats).get("items", num_items))
+    if manifest.count != num_items:
+        raise ValueError(f"{directory / MANIFEST}: {manifest.count} embeddings but "
+                         f"{run.stats} says the catalog has {num_items} items")
+    key = _vectors_key(directory, dtype)
+    for stale in directory.glob(f".{VECTORS_FILE}.tmp-*"):  # a writer killed before its rename
+        stale.unlink(missing_ok=True)
+    (directory / VECTORS_META).unlink(missing_ok=True)
+    path = directory / VECTORS_FILE
+    with atomic.atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype),
+                                        shape=(num_items + 1, manifest.dim))
+        out[0] = 0  # padding row (the file is sparse zeros already; explicit for clarity)
+        out.flush()
+        del out
+        written = read_embeddings_dataset(run).map_batches(
+            _write_rows, fn_kwargs={"path": str(tmp), "num_items": num_items},
+            batch_format="numpy").take_all()
+        rows = sum(int(r["rows"]) for r in written)
+        id_sum = sum(int(r["id_sum"]) for r in written)
+        # Ids are in 1..N (checked per batch) and the count is N: the sum rules out duplicates
+        # that would leave another row unwritten in all but contrived cases.
+        if rows != num_items or id_sum != num_items * (num_items + 1) // 2:
+            raise ValueError(f"{directory}: embeddings do not cover item ids 1..{num_items} once each "
+                             f"({rows} rows written)")
+    atomic.write_json(directory / VECTORS_META, {**key, "shape": [num_items + 1, manifest.dim]})
+    log.info("wrote %s [%d, %d] %s", path, num_items + 1, manifest.dim, key["dtype"])
+    return path
+
+
+def open_vectors(run: RunDir, dtype: str = "float32") -> np.memmap:
+    """RUN/embeddings/vectors.npy as a read-only memmap [N+1, dim]; builds it if missing or stale.
+
+    Every process that opens it shares the page cache: no per-process copy of the matrix.
+    """
+    directory = run.require(run.embeddings / MANIFEST, "tiger embed").parent
+    path = directory / VECTORS_FILE
+    meta = _read_json_or_none(directory / VECTORS_META)
+    key = _vectors_key(directory, dtype)
+    if not path.exists() or meta is None or {k: meta.get(k) for k in key} != key:
+        write_vectors_file(run, dtype)
+    vectors = np.load(path, mmap_mode="r")
+    if vectors.ndim != 2 or vectors.dtype != np.dtype(dtype):
+        raise ValueError(f"{path}: expected a 2-D {dtype} matrix, got {vectors.dtype} {vectors.shape}")
+    return vectors
+
+
+def _read_json_or_none(path: Path) -> dict | None:
+    try:
+        return atomic.read_json(path)
+    except (FileNotFoundError, ValueError):
+        return None
