@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from tiger_ray import atomic
-from tiger_ray.data.schema import ITEMS_SCHEMA, SEQUENCES_SCHEMA
+from tiger_ray.data.schema import ITEMS_SCHEMA, SEQUENCES_SCHEMA, read_items
 from tiger_ray.embedding.store import write_embeddings
 from tiger_ray.runs import RunDir
 
@@ -59,10 +59,8 @@ def make_synthetic_run(root, n_items: int = 64, n_users: int = 96, n_topics: int
 def make_synthetic_embeddings(run: RunDir, dim: int = 32, n_topics: int = 4, noise: float = 0.3,
                               seed: int = 0) -> np.ndarray:
     """Topic-clustered unit vectors for every item of ``run``; written as RUN/embeddings."""
-    import pyarrow.parquet as pq
-
     rng = np.random.default_rng(seed)
-    item_ids = pq.read_table(run.items, columns=["item_id"]).column("item_id").to_numpy()
+    item_ids = read_items(run.items, columns=["item_id"]).column("item_id").to_numpy()
     centers = rng.normal(size=(n_topics, dim))
     vectors = centers[(item_ids - 1) % n_topics] + noise * rng.normal(size=(len(item_ids), dim))
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
