@@ -36,7 +36,13 @@ def hash_user_ids(user_ids: np.ndarray, num_buckets: int) -> np.ndarray:
 
 
 def fingerprint(semantic_ids: SemanticIds) -> str:
-    """Hash of the item -> code table, so a model is never paired with different Semantic IDs."""
+    """Hash of the item -> code table, so a model is never paired with different Semantic IDs
+    (stored with a saved table, so this is cheap for a memory-mapped one)."""
+    return semantic_ids.fingerprint()
+
+
+def legacy_fingerprint(semantic_ids: SemanticIds) -> str:
+    """The hash models saved before the compact table recorded (int64 copies: small tables only)."""
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(semantic_ids.item_ids, dtype="<i8").tobytes())
     h.update(np.ascontiguousarray(semantic_ids.codes, dtype="<i8").tobytes())
@@ -64,33 +70,19 @@ class SemanticIdTokenizer:
         self.vocab_size = self.user_offset + (self.num_user_buckets if self.use_user_token else 0)
         self.max_source_len = int(self.use_user_token) + self.tokens_per_item * self.max_history
 
-        # item id -> its target tokens; row 0 and ids without a Semantic ID stay -1.
-        self._tokens_by_item = semantic_ids.by_item_id()
-        known = self._tokens_by_item[:, 0] >= 0
-        self._tokens_by_item[known] += self.offsets
-        # code tuple -> item id, via a sorted mixed-radix key and searchsorted.
-        keys = self._code_keys(semantic_ids.codes)
-        order = np.argsort(keys, kind="stable")
-        self._sorted_keys = keys[order]
-        self._sorted_items = semantic_ids.item_ids[order]
-
-    def _code_keys(self, codes: np.ndarray) -> np.ndarray:
-        key = np.zeros(len(codes), dtype=np.int64)
-        for p, size in enumerate(self.codebook_sizes):
-            key = key * size + codes[:, p]
-        return key
+        # Item -> codes reads the (memory-mapped) table, codes -> item its sorted-key index: no
+        # per-item copy is made here.
 
     # ---- items -> tokens ---------------------------------------------------------------------
     def item_tokens(self, item_ids: np.ndarray) -> np.ndarray:
         """[B] item ids -> [B, 4] vocabulary ids; ValueError for ids without a Semantic ID."""
         item_ids = np.asarray(item_ids, dtype=np.int64)
-        bad = (item_ids <= 0) | (item_ids >= len(self._tokens_by_item))
-        tokens = self._tokens_by_item[np.where(bad, 0, item_ids)]
-        bad |= tokens[..., 0] < 0
+        codes, known = self.semantic_ids.codes_of(item_ids)
+        bad = ~known
         if bad.any():
             raise ValueError(f"item_id {int(item_ids[bad].flat[0])} has no Semantic ID "
                              f"({int(bad.sum())} such ids)")
-        return tokens
+        return codes + self.offsets
 
     def user_token(self, user_ids: np.ndarray) -> np.ndarray:
         return self.user_offset + hash_user_ids(user_ids, self.num_user_buckets)
@@ -137,10 +129,8 @@ class SemanticIdTokenizer:
         shape = tokens.shape[:-1]
         codes = tokens.reshape(-1, self.tokens_per_item) - self.offsets
         ok = ((codes >= 0) & (codes < np.asarray(self.codebook_sizes))).all(axis=1)
-        keys = self._code_keys(np.where(ok[:, None], codes, 0))
-        pos = np.searchsorted(self._sorted_keys, keys).clip(max=len(self._sorted_keys) - 1)
-        found = ok & (self._sorted_keys[pos] == keys)
-        return np.where(found, self._sorted_items[pos], -1).reshape(shape)
+        items = self.semantic_ids.lookup(np.where(ok[:, None], codes, 0))
+        return np.where(ok, items, -1).reshape(shape)
 
     # ---- persistence -------------------------------------------------------------------------
     def state(self) -> dict:
@@ -159,7 +149,7 @@ class SemanticIdTokenizer:
     def from_state(cls, state: dict, semantic_ids: SemanticIds) -> "SemanticIdTokenizer":
         """Rebuild; ValueError if ``semantic_ids`` is not the table the state was made with."""
         got = fingerprint(semantic_ids)
-        if state.get("fingerprint") not in (None, got):
+        if state.get("fingerprint") not in (None, got) and state["fingerprint"] != legacy_fingerprint(semantic_ids):
             raise ValueError(f"Semantic IDs changed since this model was trained (fingerprint "
                              f"{got} != {state['fingerprint']}); retrain the seq2seq model")
         return cls(semantic_ids, num_user_buckets=state["num_user_buckets"],

@@ -1,26 +1,36 @@
-"""A compact prefix trie over Semantic IDs, for constrained decoding.
+"""The prefix trie of constrained decoding, over the sorted-key index (``semantic_ids/index.py``).
 
-Stored level by level in CSR form (a few integer arrays, no Python object per node):
+No node arrays: the items' packed 4-code keys are sorted, so every prefix of d codes is one
+contiguous key range, and a trie node is the position of the first key of its range (the root is
+0 at level 0, a level-L node is an item's position). Memory is the index itself, 8 bytes per item
+(4-byte key + 4-byte item id) with 256-code books; a memory-mapped index is used in place.
 
-    level d (0..L)       the distinct ID prefixes of length d, in lexicographic order; level 0 is
-                         the root, level L the items themselves
-    keys[d]              for each node m of level d >= 1: parent(m) * codebook_sizes[d-1] + last code,
-                         ascending (children of one parent are contiguous and sorted by code)
-    first_child[d]       for level d < L, CSR offsets: the children of node n are the level-(d+1)
-                         nodes first_child[d][n] : first_child[d][n+1]
-    leaf_item            item id of each level-L node
+    child(node, code)      binary search for the first key of the extended prefix, and a check
+    allowed_mask(nodes)    the same for every code of the level at once, [nodes x codebook]
+                           (the root's answer is computed once)
 
-Memory is at most 16 * L + 8 bytes per item (72 for 4-code IDs); a child is found by binary
-search on keys, the allowed next codes of a node are one contiguous slice.
+so each decoding step costs O(beams x codebook x log N), nearly flat in the catalog size.
 The arrays are torch tensors so decoding runs on the model's device (``.to(device)``).
 """
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+
+from tiger_ray.semantic_ids.index import SemanticIdIndex
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over the numpy array's memory (also a read-only memory map: no copy is made,
+    and decoding only reads)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(array)
 
 
 class SemanticIdTrie:
@@ -31,94 +41,139 @@ class SemanticIdTrie:
             raise ValueError(f"codes must be [{len(item_ids)}, {len(codebook_sizes)}], got {codes.shape}")
         if len(codes) == 0:
             raise ValueError("cannot build a trie over an empty catalog")
-        sizes = np.asarray(codebook_sizes, dtype=np.int64)
-        if (codes < 0).any() or (codes >= sizes).any():
-            raise ValueError("codes out of range of codebook_sizes")
-        self.codebook_sizes = tuple(int(s) for s in sizes)
-        self.depth = codes.shape[1]
+        self._attach(SemanticIdIndex.build(item_ids, codes, codebook_sizes))
 
-        order = np.lexsort(codes.T[::-1])  # lexicographic: c0 first
-        codes, item_ids = codes[order], item_ids[order]
-        if (codes[1:] == codes[:-1]).all(axis=1).any():
-            raise ValueError("two items share one Semantic ID; the trie needs unique IDs")
-        keys, first_child = [torch.zeros(1, dtype=torch.long)], []
-        node_of_row = np.zeros(len(codes), dtype=np.int64)  # each row's node on the previous level
-        for d in range(1, self.depth + 1):
-            new = np.ones(len(codes), dtype=bool)  # row starts a new level-d prefix
-            new[1:] = (codes[1:, :d] != codes[:-1, :d]).any(axis=1)
-            level_keys = node_of_row[new] * sizes[d - 1] + codes[new, d - 1]
-            n_parents = int(node_of_row[-1]) + 1
-            first_child.append(torch.from_numpy(
-                np.searchsorted(level_keys, np.arange(n_parents + 1) * sizes[d - 1])))
-            keys.append(torch.from_numpy(level_keys))
-            node_of_row = np.cumsum(new) - 1
-        self.keys, self.first_child = keys, first_child
-        self.leaf_item = torch.from_numpy(item_ids)  # level-L nodes are the sorted rows
-        self.num_items = len(item_ids)
+    @classmethod
+    def from_index(cls, index: SemanticIdIndex) -> "SemanticIdTrie":
+        if index.num_items == 0:
+            raise ValueError("cannot build a trie over an empty catalog")
+        self = cls.__new__(cls)
+        self._attach(index)
+        return self
+
+    def _attach(self, index: SemanticIdIndex) -> None:
+        self.index = index
+        self.codebook_sizes = index.codebook_sizes
+        self.radix = index.radix
+        self.depth = index.depth
+        self.num_items = index.num_items
+        self._offset = index.key_offset
+        self._strides = index.strides
+        self.keys = _tensor(index.keys)
+        self.leaf_item = _tensor(index.items)
+        self._root = None  # (positions, found) of the root's children, computed once
 
     @classmethod
     def from_semantic_ids(cls, semantic_ids, exclude_items: np.ndarray | None = None,
                           only_items: np.ndarray | None = None) -> "SemanticIdTrie":
-        """Trie over a ``SemanticIds`` table, optionally without some items or with only some
-        (e.g. the unseen items of the cold-start evaluation)."""
+        """Trie over a ``SemanticIds`` table (its own, possibly memory-mapped, index), optionally
+        without some items or with only some (e.g. the unseen items of the cold-start evaluation)."""
+        if exclude_items is None and only_items is None:
+            return cls.from_index(semantic_ids.index())
         keep = np.ones(semantic_ids.num_items, dtype=bool)
+        item_ids = semantic_ids.item_ids
         if exclude_items is not None:
-            keep &= ~np.isin(semantic_ids.item_ids, exclude_items)
+            keep &= ~np.isin(item_ids, exclude_items)
         if only_items is not None:
-            keep &= np.isin(semantic_ids.item_ids, only_items)
+            keep &= np.isin(item_ids, only_items)
         if not keep.any():
             raise ValueError("the trie would hold no items")
-        return cls(semantic_ids.item_ids[keep], semantic_ids.codes[keep], semantic_ids.codebook_sizes)
+        return cls(item_ids[keep], semantic_ids.codes[keep], semantic_ids.codebook_sizes)
+
+    def save(self, directory: str | Path) -> Path:
+        """index_keys.npy, index_items.npy, index.json (``SemanticIdIndex`` files)."""
+        index = SemanticIdIndex(np.asarray(self.keys.cpu().numpy()), np.asarray(self.leaf_item.cpu().numpy()),
+                                self.radix, self.codebook_sizes)
+        return index.save(directory)
+
+    @classmethod
+    def open(cls, directory: str | Path, codebook_sizes: Sequence[int] | None = None) -> "SemanticIdTrie":
+        """The trie over a saved index, memory-mapped (every process shares the pages)."""
+        return cls.from_index(SemanticIdIndex.open(directory, codebook_sizes))
 
     def to(self, device) -> "SemanticIdTrie":
-        self.keys = [k.to(device) for k in self.keys]
-        self.first_child = [f.to(device) for f in self.first_child]
+        self.keys = self.keys.to(device)
         self.leaf_item = self.leaf_item.to(device)
+        self._root = None
         return self
 
     def num_nodes(self, level: int) -> int:
-        return len(self.keys[level])
+        return self.index.num_prefixes(level) if self.keys.device.type == "cpu" else \
+            int(torch.unique_consecutive(self._true(self.keys) // self._strides[level]).numel())
 
     def nbytes(self) -> int:
-        tensors = [*self.keys, *self.first_child, self.leaf_item]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return self.keys.numel() * self.keys.element_size() + self.leaf_item.numel() * self.leaf_item.element_size()
+
+    # ---- key arithmetic -------------------------------------------------------------------------
+    def _true(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.long() + self._offset
+
+    def _search(self, true_keys: torch.Tensor) -> torch.Tensor:
+        """Position of the first key >= each query (int64 true keys below the key space's end)."""
+        stored = (true_keys - self._offset).to(self.keys.dtype)
+        return torch.searchsorted(self.keys, stored.contiguous()).clamp_(max=self.num_items - 1)
+
+    def _first_key(self, nodes: torch.Tensor, level: int, codes: torch.Tensor) -> torch.Tensor:
+        """Smallest key of the prefix (node's prefix, code); codes must be < radix[level]."""
+        prefix = self._true(self.keys[nodes.clamp(min=0)]) // self._strides[level]
+        if codes.dim() > prefix.dim():
+            prefix = prefix[:, None]
+        return (prefix * self.radix[level] + codes) * self._strides[level + 1]
+
+    def _positions(self, nodes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For every node and every code of ``level``: (child position, child exists), [n, size]."""
+        size = self.codebook_sizes[level]
+        usable = min(size, self.radix[level])  # codes >= radix cannot occur in any key
+        if level == 0:
+            if self._root is None:
+                self._root = self._positions_of(torch.zeros(1, dtype=torch.long, device=self.keys.device),
+                                                0, usable, size)
+            pos, found = self._root
+            alive = (nodes >= 0)[:, None]
+            return pos.expand(len(nodes), -1), found & alive
+        return self._positions_of(nodes, level, usable, size)
+
+    def _positions_of(self, nodes, level, usable, size):
+        codes = torch.arange(usable, device=self.keys.device)[None]
+        first = self._first_key(nodes, level, codes)  # [n, usable]
+        pos = self._search(first.flatten()).view(first.shape)
+        key = self._true(self.keys[pos])
+        found = (nodes >= 0)[:, None] & (key >= first) & (key < first + self._strides[level + 1])
+        if usable < size:
+            pad = size - usable
+            pos = torch.cat([pos, pos.new_zeros(len(nodes), pad)], 1)
+            found = torch.cat([found, found.new_zeros(len(nodes), pad)], 1)
+        return pos, found
 
     # ---- queries (nodes: LongTensor of level-``level`` node ids, -1 = dead / not in the trie) ----
     def children(self, nodes: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """All children of a batch of nodes as flat lists: (row in ``nodes``, code, child node)."""
-        alive = nodes >= 0
-        n = nodes.clamp(min=0)
-        start = self.first_child[level][n]
-        count = torch.where(alive, self.first_child[level][n + 1] - start, 0)
-        rows = torch.repeat_interleave(torch.arange(len(nodes), device=nodes.device), count)
-        # position of each entry within its row's run of children
-        run_start = torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
-        child = start[rows] + torch.arange(len(rows), device=nodes.device) - run_start
-        return rows, self.keys[level + 1][child] % self.codebook_sizes[level], child
+        """All children of a batch of nodes as flat lists: (row in ``nodes``, code, child node),
+        rows ascending, codes ascending within a row."""
+        pos, found = self._positions(nodes, level)
+        rows, codes = found.nonzero(as_tuple=True)
+        return rows, codes, pos[rows, codes]
 
     def allowed_mask(self, nodes: torch.Tensor, level: int) -> torch.Tensor:
         """[len(nodes), codebook_sizes[level]] bool: which next codes extend each prefix."""
-        rows, codes, _ = self.children(nodes, level)
-        mask = torch.zeros(len(nodes), self.codebook_sizes[level], dtype=torch.bool, device=nodes.device)
-        mask[rows, codes] = True
-        return mask
+        return self._positions(nodes, level)[1]
 
     def child(self, nodes: torch.Tensor, level: int, codes: torch.Tensor) -> torch.Tensor:
         """Level-(level+1) node reached from ``nodes`` by ``codes``; -1 if that prefix is not an ID."""
-        keys = self.keys[level + 1]
-        query = nodes.clamp(min=0) * self.codebook_sizes[level] + codes
-        pos = torch.searchsorted(keys, query).clamp(max=len(keys) - 1)
-        found = (nodes >= 0) & (codes >= 0) & (codes < self.codebook_sizes[level]) & (keys[pos] == query)
+        valid = (nodes >= 0) & (codes >= 0) & (codes < min(self.codebook_sizes[level], self.radix[level]))
+        first = self._first_key(nodes, level, torch.where(valid, codes, 0))
+        pos = self._search(first)
+        key = self._true(self.keys[pos])
+        found = valid & (key >= first) & (key < first + self._strides[level + 1])
         return torch.where(found, pos, -1)
 
     def items(self, leaves: torch.Tensor) -> torch.Tensor:
         """Item id of each level-L node, -1 for -1."""
-        return torch.where(leaves >= 0, self.leaf_item[leaves.clamp(min=0)], -1)
+        return torch.where(leaves >= 0, self.leaf_item[leaves.clamp(min=0)].long(), -1)
 
     # ---- convenience on code prefixes (numpy in, numpy out) ------------------------------------
     def prefix_nodes(self, prefixes: np.ndarray) -> torch.Tensor:
         """[B, d] code prefixes -> their level-d node ids (-1 where no item has that prefix)."""
-        prefixes = torch.as_tensor(np.asarray(prefixes, dtype=np.int64), device=self.leaf_item.device)
+        prefixes = torch.as_tensor(np.asarray(prefixes, dtype=np.int64), device=self.keys.device)
         nodes = torch.zeros(prefixes.shape[0], dtype=torch.long, device=prefixes.device)
         for level in range(prefixes.shape[1]):
             nodes = self.child(nodes, level, prefixes[:, level])
