@@ -114,3 +114,55 @@ def test_ann_recall_counts_overlap():
     exact = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
     approx = np.array([[4, 3, 9, -1], [5, 6, 7, 8]])
     assert ann_recall(approx, exact) == pytest.approx((2 / 4 + 4 / 4) / 2)
+
+
+def test_exact_top_k_in_item_chunks_matches_one_pass():
+    vectors = _clustered(500, seed=4)
+    queries = _clustered(40, seed=5)
+    ids = np.arange(1, 501)
+    scores = queries @ vectors.T
+    expected = ids[np.argsort(-scores, axis=1, kind="stable")[:, :10]]
+    assert np.array_equal(exact_top_k(vectors, ids, queries, 10, chunk=16, item_chunk=64), expected)
+    raw = vectors * np.random.default_rng(0).uniform(0.5, 3.0, size=(500, 1)).astype(np.float32)
+    assert np.array_equal(exact_top_k(raw, ids, queries, 10, item_chunk=77, normalize=True), expected)
+
+
+@pytest.mark.ray
+def test_shards_merged_on_disk_search_like_one_in_memory_index(tmp_path, ray_local):
+    import faiss
+
+    from tiger_ray.baseline import ondisk_index
+
+    n, dim = 20_000, 16
+    table = np.zeros((n + 1, dim), np.float32)
+    table[1:] = _clustered(n, dim=dim, clusters=50, seed=1) * 2.5  # unnormalised, as the item tower gives
+    np.save(tmp_path / "table.npy", table)
+    config = IndexConfig("ivfpq", ivf_nlist=64, ivf_nprobe=8, pq_m=8, pq_nbits=8)
+    path = ondisk_index.build_ondisk_ivfpq(
+        tmp_path / "table.npy", tmp_path / "index-ivfpq", nlist=64, pq_m=8, pq_nbits=8, nprobe=8,
+        train_sample=5000, shards=3, normalize=True, meta={"index_type": "ivfpq", "config": config.__dict__})
+    assert sorted(p.name for p in path.iterdir()) == ["index.faiss", "index.json", "lists.ivfdata"]
+
+    # The same trained quantizer and codebooks, every item added in one process, in memory.
+    vectors = table[1:] / np.linalg.norm(table[1:], axis=1, keepdims=True)
+    in_memory = ondisk_index.train_ivfpq(np.load(tmp_path / "table.npy", mmap_mode="r"), 64, 8, 8, 5000, True)
+    in_memory.add_with_ids(vectors, np.arange(1, n + 1))
+    in_memory.nprobe = 8
+    queries = _clustered(200, dim=dim, clusters=50, seed=2)
+    want_scores, want_ids = in_memory.search(queries, 10)
+
+    loaded = AnnIndex.load(path)  # lists memory-mapped from lists.ivfdata, not read into RAM
+    invlists = faiss.extract_index_ivf(loaded.cpu_index).invlists
+    assert loaded.directory == path and "OnDisk" in type(faiss.downcast_InvertedLists(invlists)).__name__
+    got_ids, got_scores = loaded.search(queries, 10)
+    assert np.array_equal(got_ids, want_ids)
+    np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-6)
+    assert loaded.ntotal == n and sorted(loaded.item_ids().tolist()) == list(range(1, n + 1))
+    assert loaded.nbytes() == sum(p.stat().st_size for p in path.iterdir() if p.suffix != ".json")
+    assert loaded.nbytes() / n < 30  # 8 code bytes + 8 id bytes per item, plus codebooks
+
+    # Recall against exact search on the same vectors, and the nprobe override on load.
+    exact = exact_top_k(table[1:], np.arange(1, n + 1), queries, 10, normalize=True)
+    assert ann_recall(got_ids, exact) > 0.5
+    wide = AnnIndex.load(path, ivf_nprobe=64)
+    assert ann_recall(wide.search(queries, 10)[0], exact) >= ann_recall(got_ids, exact)

@@ -198,3 +198,126 @@ def test_epoch_rows_split_a_shared_shuffle_evenly():
     assert len(shares[0]) == len(shares[1]) == 5
     assert not set(shares[0]) & set(shares[1])
     assert not np.array_equal(epoch_rows(11, 3, 0, 0, 1), epoch_rows(11, 4, 0, 0, 1))
+
+
+# ------------------------------------------------------------------ large catalogs (issue 19)
+
+
+def test_log_q_correction_removes_the_popularity_bias_of_in_batch_negatives():
+    # One query, a free score per item, targets drawn from a Zipf popularity. The full softmax's
+    # optimum is s_j = log p_j + c. In-batch negatives are drawn from p too, so without the
+    # correction the popular items are pushed down as often as they are pulled up and the scores
+    # flatten; with it they recover log p.
+    n, batch = 20, 64
+    p = 1.0 / np.arange(1, n + 1)
+    p /= p.sum()
+    log_q = torch.from_numpy(np.concatenate([[0.0], np.log(p)])).float()
+    target = np.log(p) - np.log(p).mean()
+
+    def fit(correct: bool) -> np.ndarray:
+        torch.manual_seed(0)
+        rng = np.random.default_rng(0)
+        scores = torch.zeros(n + 1, requires_grad=True)
+        optimizer = torch.optim.Adam([scores], lr=0.05)
+        for _ in range(400):
+            t = torch.from_numpy(rng.choice(np.arange(1, n + 1), size=batch, p=p))
+            loss = losses.in_batch_softmax_loss(torch.ones(batch, 1), scores[t].unsqueeze(1), t,
+                                                log_q=log_q if correct else None)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        s = scores.detach()[1:].numpy()
+        return s - s.mean()
+
+    corrected, uncorrected = fit(True), fit(False)
+    assert np.abs(corrected - target).max() < 0.5
+    assert np.abs(uncorrected - target).max() > 1.2
+    assert np.ptp(uncorrected) < 0.3 * np.ptp(target)  # flattened: popularity learned away
+
+
+def test_log_q_from_streamed_counts_matches_the_target_version():
+    targets = np.array([1, 1, 1, 3])
+    counts = np.bincount(targets, minlength=4)
+    assert torch.equal(losses.log_q_from_counts(counts), losses.log_sampling_probability(targets, 3))
+
+
+def test_item_tower_reads_text_rows_from_a_memmap_and_hashes_id_rows(tmp_path):
+    text = np.random.default_rng(0).normal(size=(9, 6)).astype(np.float32)
+    text[0] = 0
+    np.save(tmp_path / "t.npy", text)
+    mapped = np.load(tmp_path / "t.npy", mmap_mode="r")
+    torch.manual_seed(0)
+    in_memory = DualEncoder(DualEncoderConfig(num_items=8, text_dim=6, dim=8, max_history=4, num_heads=1),
+                            torch.from_numpy(text))
+    streamed = DualEncoder(in_memory.config, mapped)
+    streamed.load_state_dict(in_memory.state_dict())
+    ids = torch.tensor([[1, 5, 8, 0]])
+    assert streamed.text is None and streamed.text_store is mapped
+    assert torch.allclose(in_memory.eval().item_repr(ids), streamed.eval().item_repr(ids))
+    hashed = DualEncoder(DualEncoderConfig(num_items=8, text_dim=0, dim=8, max_history=4, num_heads=1,
+                                           id_rows=4))
+    assert hashed.item_id.num_embeddings == 4
+    assert hashed.id_row(torch.tensor([0, 1, 3, 4, 8])).tolist() == [0, 1, 3, 1, 2]
+
+
+def _sequences_parts(tmp_path, sequences: list[list[int]]):
+    """sequences.parquet as a directory of two parts (the large-catalog layout)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tiger_ray.data.schema import SEQUENCES_SCHEMA
+    from tiger_ray.runs import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.sequences.mkdir(parents=True)
+    half = len(sequences) // 2
+    for i, rows in enumerate([sequences[:half], sequences[half:]]):
+        first = 1 if i == 0 else half + 1
+        pq.write_table(pa.table({"user_id": list(range(first, first + len(rows))), "item_ids": rows},
+                                schema=SEQUENCES_SCHEMA), run.sequences / f"part-{i:05d}.parquet")
+    return run
+
+
+def test_streamed_windows_counts_and_validation_match_the_in_memory_ones(tmp_path):
+    import pyarrow as pa
+
+    from tiger_ray.baseline import stream
+    from tiger_ray.data.schema import read_sequences
+    from tiger_ray.data.split import build_examples
+
+    rng = np.random.default_rng(3)
+    sequences = [rng.integers(1, 30, size=rng.integers(3, 40)).tolist() for _ in range(25)]
+    run = _sequences_parts(tmp_path, sequences)
+    parts = [np.asarray(s[:-2]) for s in sequences]
+    h, t, _ = training_windows(parts, 6)
+    batches = list(stream.sequence_batches(run.sequences, batch_rows=7))
+    streamed = [stream.windows_batch(pa.Table.from_batches([b]), 6) for b in batches]
+    assert np.array_equal(np.concatenate([s["history"] for s in streamed]), h)
+    assert np.array_equal(np.concatenate([s["targets"] for s in streamed]), t)
+
+    counts = [stream._target_counts(pa.Table.from_batches([b])) for b in batches]
+    total = np.zeros(31, np.int64)
+    for c in counts:
+        np.add.at(total, c["item_id"], c["count"])
+    assert np.array_equal(total, np.bincount(t[t != 0], minlength=31))
+
+    valid = build_examples(read_sequences(run.sequences), "valid", max_history=6)
+    history, targets = stream.validation_sample(run, 6, limit=0)
+    assert np.array_equal(history, pad_examples(valid.offsets, valid.flat, 6))
+    assert np.array_equal(targets, valid.targets)
+    history, targets = stream.validation_sample(run, 6, limit=9)
+    assert len(targets) == 9 and np.array_equal(targets, valid.targets[:9])
+
+
+def test_chunked_validation_scores_like_exact_search():
+    from tiger_ray.baseline import ray_train, stream
+
+    torch.manual_seed(0)
+    model = DualEncoder(DualEncoderConfig(num_items=50, dim=8, max_history=4, num_heads=1)).eval()
+    rng = np.random.default_rng(0)
+    history = pad_histories([rng.integers(1, 51, size=rng.integers(1, 6)) for _ in range(30)], 4)
+    targets = np.random.default_rng(1).integers(1, 51, size=30)
+    users = np.zeros(30, np.int64)
+    exact = ray_train.evaluate_exact(model, history, users, targets, 8, torch.device("cpu")).compute()
+    chunked = stream.evaluate_chunked(model, history, targets, 8, torch.device("cpu"), item_chunk=7).compute()
+    assert chunked == pytest.approx(exact)

@@ -55,3 +55,39 @@ def test_resume_continues_from_the_checkpoint(fitted):
     more = run_train_baseline(run, replace(CONFIG, epochs=3, workers=1))
     assert more["epochs_run"] == 3
     assert more["history"][:2] == summary["history"]
+
+
+@pytest.mark.ray
+def test_streamed_training_with_sampled_softmax_and_a_sharded_ivfpq(tmp_path, ray_local):
+    """data=stream: windows from Ray Data via get_dataset_shard, text from vectors.npy, item
+    frequencies counted by Ray Data; the item table by batch inference; IVF-PQ merged on disk."""
+    import numpy as np
+    import torch
+
+    from tiger_ray.baseline.ann_index import IndexConfig
+    from tiger_ray.baseline.ray_train import run_train_baseline
+    from tiger_ray.baseline.retriever import load_retriever
+    from tiger_ray.data.schema import read_sequences
+    from tiger_ray.data.split import build_examples
+    from tiger_ray.evaluation.retrieval import evaluate_retriever
+
+    run = make_synthetic_run(tmp_path / "run")
+    make_synthetic_embeddings(run)
+    config = replace(CONFIG, data="stream", loss="auto", large_catalog=10, epochs=3)
+    index = IndexConfig("ivfpq", ivf_shards=2, ivf_nlist=4, ivf_nprobe=4, pq_m=4, pq_nbits=4)
+    summary = run_train_baseline(run, config, index)
+    assert summary["data"] == "stream" and summary["loss"] == "in_batch + log-Q"
+    counts = np.load(run.baseline / "item_counts.npy")
+    train = build_examples(read_sequences(run.sequences), "train")
+    assert np.array_equal(counts, np.bincount(train.targets, minlength=65))
+    assert summary["train_examples"] == len(train.targets)
+    assert (run.embeddings / "vectors.npy").exists() and (run.baseline / "item_table.npy").exists()
+    payload = torch.load(run.baseline / "model.pt", weights_only=True)
+    assert "item_table" not in payload  # the table is the memory-mapped file
+    assert summary["index"]["ondisk"] and summary["index"]["shards"] == 2
+    assert 0.0 < summary["index"]["ann_recall@10"] <= 1.0
+
+    retriever = load_retriever(run)  # the configured ivfpq index, memory-mapped
+    assert retriever.index.directory is not None and isinstance(retriever.table, torch.Tensor)
+    result = evaluate_retriever(retriever, run, "test", progress=False, write=False)
+    assert result["recall@10"] > 0.25  # chance is ~0.16 on 64 items

@@ -68,7 +68,15 @@ class IndexConfig:
     ivf_nprobe: int = field(default=16, metadata={"help": "IVF-PQ: lists visited per query"})
     pq_m: int = field(default=16, metadata={"help": "IVF-PQ: sub-quantisers (must divide the vector dim)"})
     pq_nbits: int = field(default=8, metadata={"help": "IVF-PQ: bits per sub-quantiser code"})
-    gpu_index: bool = field(default=False, metadata={"help": "search on GPU 0 when FAISS has GPU support and a GPU is visible"})
+    ivf_shards: int = field(default=0, metadata={
+        "help": "IVF-PQ: Ray tasks that each add a range of items, merged on disk (faiss.contrib.ondisk) "
+                "and searched memory-mapped; 0 = in one process for small catalogs (item table in "
+                "model.pt), else one task per 1M items (at least 2)"})
+    ivf_train_sample: int = field(default=262_144, metadata={
+        "help": "IVF-PQ built in shards: item vectors the coarse quantizer and PQ codebooks train on"})
+    gpu_index: bool = field(default=False, metadata={
+        "help": "search on GPU when FAISS has GPU support and a GPU is visible; with several GPUs "
+                "flat and IVF-PQ indexes are sharded across them (faiss IndexShards)"})
     search_threads: int = field(default=0, metadata={
         "help": "OpenMP threads per search; 0 = 1 thread for batches under 32 queries (latency), "
                 "FAISS's default for larger ones"})
@@ -76,7 +84,7 @@ class IndexConfig:
     def params(self) -> dict:
         """The parameters that matter for ``index_type``."""
         keys = {"flat": [], "hnsw": ["hnsw_m", "hnsw_ef_construction", "hnsw_ef_search"],
-                "ivfpq": ["ivf_nlist", "ivf_nprobe", "pq_m", "pq_nbits"]}[self.index_type]
+                "ivfpq": ["ivf_nlist", "ivf_nprobe", "pq_m", "pq_nbits", "ivf_shards"]}[self.index_type]
         return {k: getattr(self, k) for k in keys}
 
 
@@ -87,7 +95,7 @@ def faiss_gpus() -> int:
     return int(faiss.get_num_gpus()) if hasattr(faiss, "StandardGpuResources") else 0
 
 
-def _nlist(config: IndexConfig, count: int) -> int:
+def nlist_for(config: IndexConfig, count: int) -> int:
     nlist = config.ivf_nlist or int(round(4 * math.sqrt(count)))
     # k-means wants ~39 points per centroid; fewer lists is better than untrained ones.
     return max(1, min(nlist, count // 39 or 1))
@@ -117,7 +125,7 @@ def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, config: IndexConfig)
             raise ValueError(f"IVF-PQ with pq_nbits={config.pq_nbits} needs at least {2 ** config.pq_nbits} "
                              f"vectors to train its codebooks, got {n}; lower --pq-nbits")
         quantizer = faiss.IndexFlatIP(dim)
-        base = faiss.IndexIVFPQ(quantizer, dim, _nlist(config, n), config.pq_m, config.pq_nbits,
+        base = faiss.IndexIVFPQ(quantizer, dim, nlist_for(config, n), config.pq_m, config.pq_nbits,
                                 faiss.METRIC_INNER_PRODUCT)
         base.nprobe = config.ivf_nprobe
     else:
@@ -143,10 +151,12 @@ def set_search_params(index, config: IndexConfig) -> None:
 class AnnIndex:
     """A FAISS index plus its config: ``search`` returns catalog item ids and inner products."""
 
-    def __init__(self, index, config: IndexConfig, dim: int):
+    def __init__(self, index, config: IndexConfig, dim: int, directory: Path | None = None):
         self.cpu_index = index
         self.config = config
         self.dim = dim
+        # Set for an IVF-PQ merged on disk (ondisk_index.py): its lists live in files there.
+        self.directory = directory
         self.index = index
         self.on_gpu = False
         self._gpu_resources = None
@@ -170,6 +180,13 @@ class AnnIndex:
         if self.config.index_type == "hnsw":
             log.warning("FAISS has no GPU HNSW; the hnsw index stays on CPU")
             return
+        if faiss_gpus() > 1:
+            # Large catalogs: each GPU holds 1/G of the items (an IndexShards), queries go to all.
+            options = faiss.GpuMultipleClonerOptions()
+            options.shard = True
+            self.index = faiss.index_cpu_to_all_gpus(self.cpu_index, co=options)
+            self.on_gpu = True
+            return
         self._gpu_resources = faiss.StandardGpuResources()
         # The clone keeps the id map on the host and copies nprobe from the CPU index, which
         # already carries this config's search parameters.
@@ -181,10 +198,14 @@ class AnnIndex:
         return int(self.cpu_index.ntotal)
 
     def item_ids(self) -> np.ndarray:
-        """The catalog ids held by the index, in insertion order."""
+        """The catalog ids held by the index (insertion order; by inverted list when on disk)."""
         import faiss
 
-        return faiss.vector_to_array(self.cpu_index.id_map).astype(np.int64)
+        if hasattr(self.cpu_index, "id_map"):
+            return faiss.vector_to_array(self.cpu_index.id_map).astype(np.int64)
+        invlists = faiss.extract_index_ivf(self.cpu_index).invlists
+        return np.concatenate([faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()
+                               for i in range(invlists.nlist)] or [np.zeros(0, np.int64)])
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(item ids [B, k] int64 with -1 for empty slots, inner products [B, k] float32)."""
@@ -200,6 +221,10 @@ class AnnIndex:
         """Size of the serialised index (vectors or codes, graph or lists, and the id map)."""
         import faiss
 
+        if self.directory is not None:
+            from tiger_ray.baseline.ondisk_index import LISTS_FILE
+
+            return sum((self.directory / f).stat().st_size for f in (INDEX_FILE, LISTS_FILE))
         return int(faiss.serialize_index(self.cpu_index).nbytes)
 
     def save(self, directory: str | os.PathLike, extra: dict | None = None) -> Path:
@@ -207,6 +232,10 @@ class AnnIndex:
         import faiss
 
         directory = Path(directory)
+        if self.directory is not None:  # built in place by ondisk_index: only index.json changes
+            meta = {**atomic.read_json(self.directory / META_FILE), **(extra or {})}
+            atomic.write_json(self.directory / META_FILE, meta)
+            return self.directory
         meta = {"index_type": self.config.index_type, "config": asdict(self.config), "dim": self.dim,
                 "count": self.ntotal, "bytes": self.nbytes(), "faiss_version": faiss.__version__,
                 **(extra or {})}
@@ -231,6 +260,12 @@ class AnnIndex:
         values = {**meta["config"], **{k: v for k, v in search_params.items() if v is not None},
                   "gpu_index": gpu_index}
         config = IndexConfig(**values)
+        if meta.get("ondisk"):
+            from tiger_ray.baseline.ondisk_index import read_ondisk
+
+            index = read_ondisk(directory)  # item ids are in the inverted lists
+            set_search_params(index, config)
+            return cls(index, config, int(meta["dim"]), directory=directory)
         index = faiss.read_index(str(path))
         if not hasattr(index, "id_map"):
             raise ValueError(f"{path}: not an IndexIDMap2 index, so it cannot map rows to item ids")
@@ -239,18 +274,34 @@ class AnnIndex:
 
 
 def exact_top_k(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int,
-                chunk: int = 1024) -> np.ndarray:
-    """Brute-force top-k item ids by inner product (the ground truth for ANN recall)."""
-    vectors = np.asarray(vectors, dtype=np.float32)
+                chunk: int = 1024, item_chunk: int = 65536, normalize: bool = False) -> np.ndarray:
+    """Brute-force top-k item ids by inner product (the ground truth for ANN recall).
+
+    Items are scored ``item_chunk`` rows at a time (``vectors`` may be a memmap; ``normalize``
+    L2-normalises each chunk) and the running top-k merged, so the scratch is [chunk, item_chunk]
+    rather than [queries, N]. Ties keep the lower row first.
+    """
     ids = np.asarray(ids)
     k = min(k, len(ids))
-    out = np.empty((len(queries), k), dtype=ids.dtype)
-    for lo in range(0, len(queries), chunk):
-        scores = np.asarray(queries[lo: lo + chunk], dtype=np.float32) @ vectors.T
-        top = np.argpartition(-scores, kth=k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
-        out[lo: lo + chunk] = ids[np.take_along_axis(top, order, axis=1)]
-    return out
+    queries = np.asarray(queries, dtype=np.float32)
+    best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_rows = np.zeros((len(queries), k), dtype=np.int64)
+    for lo_item in range(0, len(ids), item_chunk):
+        block = np.array(vectors[lo_item: lo_item + item_chunk], dtype=np.float32)
+        if normalize:
+            block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
+        kk = min(k, len(block))
+        for lo in range(0, len(queries), chunk):
+            scores = queries[lo: lo + chunk] @ block.T
+            top = np.argpartition(-scores, kth=kk - 1, axis=1)[:, :kk]
+            top = np.sort(top, axis=1)  # row order, so equal scores keep the lower row first
+            cand_scores = np.concatenate([best_scores[lo: lo + chunk],
+                                          np.take_along_axis(scores, top, axis=1)], axis=1)
+            cand_rows = np.concatenate([best_rows[lo: lo + chunk], top + lo_item], axis=1)
+            order = np.argsort(-cand_scores, axis=1, kind="stable")[:, :k]
+            best_scores[lo: lo + chunk] = np.take_along_axis(cand_scores, order, axis=1)
+            best_rows[lo: lo + chunk] = np.take_along_axis(cand_rows, order, axis=1)
+    return ids[best_rows]
 
 
 def ann_recall(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
@@ -263,9 +314,9 @@ def ann_recall(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
 
 
 def measure(index: AnnIndex, vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray,
-            k: int = 10) -> dict:
+            k: int = 10, normalize: bool = False) -> dict:
     """Recall@k of ``index`` against exact search, and its search latency (batch and single)."""
-    exact = exact_top_k(vectors, ids, queries, k)
+    exact = exact_top_k(vectors, ids, queries, k, normalize=normalize)
     start = time.perf_counter()
     found, _ = index.search(queries, k)
     batch_seconds = time.perf_counter() - start

@@ -25,9 +25,22 @@ class BaselineConfig:
     normalize: bool = field(default=True, metadata={"help": "cosine scores (unit vectors) / temperature"})
     temperature: float = field(default=0.05, metadata={"help": "softmax temperature for cosine scores"})
     # training
-    loss: Literal["full", "in_batch"] = field(default="full", metadata={
-        "help": "full = softmax over the whole catalog (small catalogs); in_batch = sampled softmax "
-                "over the batch's targets"})
+    loss: Literal["auto", "full", "in_batch"] = field(default="auto", metadata={
+        "help": "full = softmax over the whole catalog; in_batch = sampled softmax over the batch's "
+                "targets (log-Q corrected); auto = full up to --large-catalog items, else in_batch"})
+    data: Literal["auto", "memory", "stream"] = field(default="auto", metadata={
+        "help": "memory = every worker builds the training windows from the whole sequences file "
+                "(small catalogs, as before); stream = windows made by Ray Data and fed through "
+                "get_dataset_shard, text vectors read from the memory-mapped vectors.npy; "
+                "auto = memory up to --large-catalog items, else stream"})
+    large_catalog: int = field(default=100_000, metadata={
+        "help": "catalog size above which loss=auto and data=auto pick in_batch and stream"})
+    max_id_rows: int = field(default=1_000_000, metadata={
+        "help": "ID embedding rows; larger catalogs hash item ids into this many rows (the text "
+                "path tells hashed items apart) so the ID table stays bounded per worker"})
+    valid_users: int = field(default=0, metadata={
+        "help": "validation users scored each epoch (the first ones in file order); 0 = all with "
+                "data=memory, 10000 with data=stream"})
     log_q: bool = field(default=True, metadata={"help": "in_batch: log-Q correction by item frequency"})
     batch_size: int = field(default=128, metadata={"help": "training windows (user sequences of up to "
                                                                "max_history items) per step per worker"})

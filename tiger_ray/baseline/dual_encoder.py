@@ -40,6 +40,9 @@ class DualEncoderConfig:
     id_dropout: float = 0.1  # probability of dropping an item's ID embedding in training
     normalize: bool = True  # cosine scores (unit vectors) divided by temperature
     temperature: float = 0.05
+    # ID embedding rows; 0 = one per item (N+1). Fewer rows hash ids into them (id % (rows-1) + 1)
+    # so a 10M-item catalog's ID table (and its optimiser state) stays bounded per worker.
+    id_rows: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,10 +83,13 @@ class DualEncoder(nn.Module):
         (training, index building) but not to encode queries from a precomputed item table."""
         super().__init__()
         self.config = c = config
-        self.item_id = nn.Embedding(c.num_items + 1, c.dim, padding_idx=0)
+        self.item_id = nn.Embedding(c.id_rows or c.num_items + 1, c.dim, padding_idx=0)
         self.text_proj = nn.Linear(c.text_dim, c.dim) if c.text_dim else None
+        # A numpy array (the memory-mapped RUN/embeddings/vectors.npy) is indexed per batch, so
+        # no process copies the matrix; a tensor is a buffer (small catalogs, tests).
+        self.text_store = text_embeddings if isinstance(text_embeddings, np.ndarray) else None
         # Not persistent: the text matrix comes from RUN/embeddings, checkpoints stay small.
-        self.register_buffer("text", None if text_embeddings is None
+        self.register_buffer("text", None if text_embeddings is None or self.text_store is not None
                              else text_embeddings.float(), persistent=False)
         if text_embeddings is not None and tuple(text_embeddings.shape) != (c.num_items + 1, c.text_dim):
             raise ValueError(f"text_embeddings must be [{c.num_items + 1}, {c.text_dim}], "
@@ -108,17 +114,29 @@ class DualEncoder(nn.Module):
 
     # ------------------------------------------------------------------ item tower
 
+    def id_row(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.item_id.num_embeddings
+        if rows == self.config.num_items + 1:
+            return ids
+        return torch.where(ids == 0, ids, (ids - 1) % (rows - 1) + 1)
+
+    def text_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.text is not None:
+            return self.text[ids]
+        rows = np.asarray(self.text_store[ids.cpu().numpy()], dtype=np.float32)
+        return torch.from_numpy(rows).to(ids.device)
+
     def item_repr(self, ids: torch.Tensor) -> torch.Tensor:
         """Unnormalised item representations [..., dim]; padding (id 0) maps to zeros."""
-        x = self.item_id(ids)
+        x = self.item_id(self.id_row(ids))
         if self.training and self.config.id_dropout > 0:
             keep = torch.rand(ids.shape, device=ids.device) >= self.config.id_dropout
             x = x * keep.unsqueeze(-1)
         if self.text_proj is not None:
-            if self.text is None:
+            if self.text is None and self.text_store is None:
                 raise RuntimeError("this DualEncoder was built without text embeddings; "
                                    "pass an item table to encode_queries instead")
-            x = x + self.text_proj(self.text[ids]) * (ids != 0).unsqueeze(-1)
+            x = x + self.text_proj(self.text_vectors(ids)) * (ids != 0).unsqueeze(-1)
         return x
 
     def item_table(self) -> torch.Tensor:

@@ -51,7 +51,11 @@ def log_sampling_probability(targets: np.ndarray, num_items: int) -> torch.Tenso
     are never targets are never candidates, so their value does not matter; they get count 1 to
     keep the table finite.
     """
-    counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_items + 1).astype(np.float64)
-    counts = np.maximum(counts, 1.0)
+    return log_q_from_counts(np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_items + 1))
+
+
+def log_q_from_counts(counts: np.ndarray) -> torch.Tensor:
+    """log Q by item id [N+1] from target counts by item id (e.g. the streamed item_counts.npy)."""
+    counts = np.maximum(np.asarray(counts, dtype=np.float64), 1.0)
     counts[0] = 1.0
     return torch.from_numpy(np.log(counts / counts[1:].sum())).float()

@@ -13,6 +13,16 @@ Beauty than one pass per prefix. Windows are sharded across workers by a per-epo
 each example counts once per epoch. After every epoch all
 workers score their share of the validation users with exact search and the totals are summed,
 so every rank takes the same early-stopping decision. The test split is never looked at here.
+
+Large catalogs (``data``/``loss`` auto: above ``large_catalog`` items, default 100k) change three
+things, because every worker holding all users, the text matrix and [examples, N] logits does not
+scale: the windows are made by Ray Data and streamed to the workers (``get_dataset_shard``,
+stream.py), the text vectors are read per batch from the memory-mapped RUN/embeddings/vectors.npy,
+and the loss is the in-batch sampled softmax with log-Q correction, Q from the streamed
+RUN/baseline/item_counts.npy. Validation then scores a sample of users (``valid_users``) against
+the catalog in chunks of items; the item table is written by Ray Data batch inference
+(item_vectors.py) and IVF-PQ indexes are built in shards and merged on disk (ondisk_index.py).
+Small catalogs keep the full softmax and in-memory windows, the setting docs/RESULTS.md reports.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +41,9 @@ from tiger_ray.baseline import ann_index
 from tiger_ray.baseline.config import BaselineConfig
 from tiger_ray.baseline.dual_encoder import (DualEncoder, DualEncoderConfig, pad_examples,
                                              parameter_count, text_matrix, training_windows)
-from tiger_ray.baseline.losses import log_sampling_probability
+from tiger_ray.baseline import stream
+from tiger_ray.baseline.losses import log_q_from_counts, log_sampling_probability
+from tiger_ray.embedding.store import open_vectors
 from tiger_ray.data.schema import read_items, read_sequences
 from tiger_ray.data.split import build_examples, check_lengths, train_part
 from tiger_ray.evaluation.metrics import MetricCollection
@@ -44,7 +56,7 @@ MODEL_FILE = "model.pt"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 # Settings that may change between a run and its resumption (they do not change the model).
-RESUMABLE_CHANGES = {"epochs", "patience", "workers", "use_gpu", "cpus_per_worker", "torch_threads",
+RESUMABLE_CHANGES = {"epochs", "patience", "workers", "use_gpu", "cpus_per_worker", "torch_threads", "valid_users",
                      "max_failures", "fresh", "eval_batch_size"}
 
 
@@ -80,19 +92,37 @@ def load_training_data(run: RunDir, config: BaselineConfig) -> TrainingData:
     if config.use_text:
         item_ids, vectors = load_embeddings(run)
         text = text_matrix(item_ids, vectors, num_items)
+    keep = slice(0, config.valid_users or None)  # the first valid_users users (0 = all)
     return TrainingData(
         num_items=num_items, user_ids=sequences.user_ids, history=history, targets=targets,
-        users=owners + 1, valid_history=pad_examples(valid.offsets, valid.flat, config.max_history),
-        valid_users=valid.user_index + 1, valid_targets=valid.targets, text=text)
+        users=owners + 1, valid_history=pad_examples(valid.offsets, valid.flat, config.max_history)[keep],
+        valid_users=valid.user_index[keep] + 1, valid_targets=valid.targets[keep], text=text)
 
 
 def model_config(config: BaselineConfig, data: TrainingData) -> DualEncoderConfig:
+    return _model_config(config, data.num_items, 0 if data.text is None else int(data.text.shape[1]),
+                         len(data.user_ids) if config.user_embedding else 0)
+
+
+def _model_config(config: BaselineConfig, num_items: int, text_dim: int, num_users: int) -> DualEncoderConfig:
     return DualEncoderConfig(
-        num_items=data.num_items, text_dim=0 if data.text is None else int(data.text.shape[1]),
-        num_users=len(data.user_ids) if config.user_embedding else 0, dim=config.dim,
+        num_items=num_items, text_dim=text_dim, num_users=num_users, dim=config.dim,
         max_history=config.max_history, num_layers=config.num_layers, num_heads=config.num_heads,
         dropout=config.dropout, id_dropout=config.id_dropout, normalize=config.normalize,
-        temperature=config.temperature)
+        temperature=config.temperature,
+        id_rows=0 if num_items + 1 <= config.max_id_rows else config.max_id_rows)
+
+
+def resolve(config: BaselineConfig, num_items: int) -> BaselineConfig:
+    """``config`` with loss and data made concrete for a catalog of ``num_items``.
+
+    Small catalogs keep the full softmax and in-memory windows: on Beauty (12k items) that is the
+    setting docs/RESULTS.md reports. Above ``large_catalog`` the [examples, N] logits and every
+    worker's copy of all users do not fit, so in_batch + log-Q and streamed windows take over.
+    """
+    large = num_items > config.large_catalog
+    return replace(config, loss=config.loss if config.loss != "auto" else ("in_batch" if large else "full"),
+                   data=config.data if config.data != "auto" else ("stream" if large else "memory"))
 
 
 # ---------------------------------------------------------------- one epoch, one evaluation
@@ -111,7 +141,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: 
         history = torch.from_numpy(data.history[idx]).to(device)
         users = torch.from_numpy(data.users[idx]).to(device)
         targets = torch.from_numpy(data.targets[idx]).to(device)
-        loss = model(history, users, targets, loss=config.loss,
+        loss = model(history, users, targets, loss=resolve(config, data.num_items).loss,
                      log_q=log_q if config.log_q else None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -159,6 +189,38 @@ def epoch_rows(num_examples: int, epoch: int, seed: int, rank: int, world: int) 
     perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
     share = num_examples // world
     return perm[rank * share: (rank + 1) * share]
+
+
+STREAM_VALID_USERS = 10_000  # validation sample of data=stream when valid_users is 0
+
+
+def stream_model_config(config: BaselineConfig, run: RunDir, text) -> DualEncoderConfig:
+    if config.user_embedding:
+        raise ValueError("user_embedding is not supported with data=stream (a [users, dim] table "
+                         "per worker); use data=memory or drop --user-embedding")
+    return _model_config(config, stream.num_items(run), 0 if text is None else int(text.shape[1]), 0)
+
+
+def train_epoch_stream(model: torch.nn.Module, optimizer: torch.optim.Optimizer, shard,
+                       config: BaselineConfig, log_q: torch.Tensor | None, device: torch.device,
+                       epoch: int) -> float:
+    """One pass over this rank's share of the streamed windows (equal shares: Ray Train splits
+    with equal=True, so every rank takes the same number of steps)."""
+    model.train()
+    total, steps = 0.0, 0
+    for batch in shard.iter_torch_batches(batch_size=config.batch_size, dtypes=torch.int64, device=device,
+                                          local_shuffle_buffer_size=8 * config.batch_size,
+                                          local_shuffle_seed=config.seed * 100_003 + epoch):
+        loss = model(batch["history"], None, batch["targets"], loss=config.loss,
+                     log_q=log_q if config.log_q else None)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        total += float(loss.detach())
+        steps += 1
+    return total / max(steps, 1)
 
 
 def train_local(run: RunDir, config: BaselineConfig, export: bool = True,
@@ -214,10 +276,22 @@ def train_loop(loop_config: dict) -> None:
     torch.set_num_threads(config.torch_threads or max(1, int(config.cpus_per_worker)))
     torch.manual_seed(config.seed)
 
-    data = load_training_data(run, config)
-    model = DualEncoder(model_config(config, data), data.text).to(device)
+    config = resolve(config, stream.num_items(run))
+    if config.data == "stream":
+        data, shard = None, ray.train.get_dataset_shard("train")
+        text = open_vectors(run) if config.use_text else None  # built by the driver before fit
+        model = DualEncoder(stream_model_config(config, run, text), text).to(device)
+        counts = np.load(run.baseline / stream.COUNTS_FILE, mmap_mode="r")
+        log_q = log_q_from_counts(counts).to(device)
+        valid_history, valid_targets = stream.validation_sample(
+            run, config.max_history, config.valid_users or STREAM_VALID_USERS)
+        valid_users = np.zeros(len(valid_targets), dtype=np.int64)
+    else:
+        data, shard = load_training_data(run, config), None
+        model = DualEncoder(model_config(config, data), data.text).to(device)
+        log_q = log_sampling_probability(data.targets[data.targets != 0], data.num_items).to(device)
+        valid_history, valid_users, valid_targets = data.valid_history, data.valid_users, data.valid_targets
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    log_q = log_sampling_probability(data.targets[data.targets != 0], data.num_items).to(device)
 
     state = distributed.load_checkpoint_state()
     if state is None:
@@ -238,20 +312,28 @@ def train_loop(loop_config: dict) -> None:
     ddp_model = ray.train.torch.prepare_model(model)  # DDP when world > 1; moves to device
     raw = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
     if rank == 0:
-        log.info("dual encoder: %d parameters, %d training examples in %d windows over %d workers "
-                 "(%d torch threads each), loss=%s%s", parameter_count(raw), data.num_examples,
-                 len(data.targets), world, torch.get_num_threads(), config.loss,
-                 " with log-Q correction" if config.loss == "in_batch" and config.log_q else "")
+        log.info("dual encoder: %d parameters, %s training windows over %d workers "
+                 "(%d torch threads each), loss=%s%s, data=%s", parameter_count(raw),
+                 "streamed" if data is None else len(data.targets), world, torch.get_num_threads(),
+                 config.loss, " with log-Q correction" if config.loss == "in_batch" and config.log_q else "",
+                 config.data)
     for epoch in range(state["epoch"] + 1, config.epochs):
         start = time.perf_counter()
-        rows = epoch_rows(len(data.targets), epoch, config.seed, rank, world)
-        loss = train_epoch(ddp_model, optimizer, data, rows, config, log_q, device, progress=rank == 0,
-                           desc=f"epoch {epoch + 1}/{config.epochs}")
+        if shard is None:
+            rows = epoch_rows(len(data.targets), epoch, config.seed, rank, world)
+            loss = train_epoch(ddp_model, optimizer, data, rows, config, log_q, device, progress=rank == 0,
+                               desc=f"epoch {epoch + 1}/{config.epochs}")
+        else:
+            loss = train_epoch_stream(ddp_model, optimizer, shard, config, log_q, device, epoch)
         # Validation: each rank scores a contiguous share of the users; totals are summed.
-        share = np.array_split(np.arange(len(data.valid_targets)), world)[rank]
-        metrics = all_reduce_metrics(evaluate_exact(
-            raw, data.valid_history[share], data.valid_users[share], data.valid_targets[share],
-            config.eval_batch_size, device))
+        share = np.array_split(np.arange(len(valid_targets)), world)[rank]
+        if shard is None:
+            metrics = evaluate_exact(raw, valid_history[share], valid_users[share], valid_targets[share],
+                                     config.eval_batch_size, device)
+        else:
+            metrics = stream.evaluate_chunked(raw, valid_history[share], valid_targets[share],
+                                              config.eval_batch_size, device)
+        metrics = all_reduce_metrics(metrics)
         seconds = time.perf_counter() - start
         state["train_seconds"] += seconds
         entry = {"epoch": epoch + 1, "loss": loss, "seconds": seconds,
@@ -288,7 +370,7 @@ def _check_resumable(storage: Path, config: BaselineConfig) -> None:
         return
     saved = atomic.read_json(saved_path)
     changed = sorted(k for k, v in config_lib.to_dict(config).items()
-                     if k not in RESUMABLE_CHANGES and saved.get(k) != v)
+                     if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v)  # absent: an older run
     if changed:
         raise ValueError(f"{storage / RAY_RUN_NAME} holds a training run made with different settings "
                          f"({', '.join(changed)}); pass --fresh to start over")
@@ -304,16 +386,21 @@ def result_state(result) -> dict:
         return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def export_model(run: RunDir, model: DualEncoder, user_ids: np.ndarray) -> Path:
-    """Save what retrieval needs: query tower weights and the item table (no text matrix)."""
+def export_model(run: RunDir, model: DualEncoder, user_ids: np.ndarray, item_table: bool = True) -> Path:
+    """Save what retrieval needs: query tower weights and the item table (no text matrix).
+
+    ``item_table=False`` (large catalogs) leaves the table to ``item_vectors.write_item_table``,
+    which computes it with Ray Data into RUN/baseline/item_table.npy.
+    """
     model.eval()
-    with torch.no_grad():
-        table = model.item_table().cpu()
     state = {k: v for k, v in model.state_dict().items()}
     # model_id ties indexes to this export: an index built from an earlier model is refused.
-    payload = {"config": model.config.to_dict(), "model": state, "item_table": table,
+    payload = {"config": model.config.to_dict(), "model": state,
                "user_ids": torch.from_numpy(np.asarray(user_ids, dtype=np.int64)),
                "model_id": uuid.uuid4().hex}
+    if item_table:
+        with torch.no_grad():
+            payload["item_table"] = model.item_table().cpu()
     path = run.baseline / MODEL_FILE
     with atomic.atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -332,6 +419,7 @@ def run_train_baseline(run: RunDir, config: BaselineConfig,
     run.require(run.sequences, "tiger prepare")
     if config.use_text:
         run.require(run.embeddings / "manifest.json", "tiger embed")
+    config = resolve(config, stream.num_items(run))
     run.baseline.mkdir(parents=True, exist_ok=True)
     storage = run.baseline / "ray"
     _check_resumable(storage, config)
@@ -347,26 +435,46 @@ def run_train_baseline(run: RunDir, config: BaselineConfig,
         shutil.rmtree(storage / RAY_RUN_NAME)
     (storage / RAY_RUN_NAME).mkdir(parents=True, exist_ok=True)
     atomic.write_json(storage / RAY_RUN_NAME / "baseline_config.json", config_lib.to_dict(config))
+    datasets = None
+    if config.data == "stream":
+        # Made once here, before the workers start: they only open them (memory-mapped).
+        if config.use_text:
+            open_vectors(run)
+        stream.write_item_counts(run)
+        datasets = {"train": stream.windows_dataset(run, config.max_history)}
     result = distributed.fit(train_loop, {"config": config_lib.to_dict(config), "run": str(run.root)},
                              name=RAY_RUN_NAME, storage_dir=storage, resources=resources,
-                             max_failures=config.max_failures)
+                             max_failures=config.max_failures, datasets=datasets)
     fit_seconds = time.perf_counter() - start
     state = result_state(result)
     if state.get("best_model") is None:
         raise RuntimeError("training ended before the first epoch finished")
 
-    data = load_training_data(run, config)
-    model = DualEncoder(model_config(config, data), data.text)
-    model.load_state_dict(state["best_model"])
-    export_model(run, model, data.user_ids)
+    if config.data == "stream":
+        from tiger_ray.baseline.item_vectors import write_item_table
+
+        text = open_vectors(run) if config.use_text else None
+        model = DualEncoder(stream_model_config(config, run, text), text)
+        model.load_state_dict(state["best_model"])
+        export_model(run, model, np.zeros(0, np.int64), item_table=False)
+        write_item_table(run, workers=config.workers)
+        num_examples = int(np.load(run.baseline / stream.COUNTS_FILE, mmap_mode="r").sum())
+        windows = None
+    else:
+        data = load_training_data(run, config)
+        model = DualEncoder(model_config(config, data), data.text)
+        model.load_state_dict(state["best_model"])
+        export_model(run, model, data.user_ids)
+        num_examples, windows = data.num_examples, int(len(data.targets))
     index_summary = build_run_index(run, index_config)
     best = state["history"][state["best_epoch"]]
     summary = {
         "model": "ann",
         "loss": config.loss + (" + log-Q" if config.loss == "in_batch" and config.log_q else ""),
         "parameters": parameter_count(model),
-        "train_examples": data.num_examples,
-        "train_windows": int(len(data.targets)),
+        "train_examples": num_examples,
+        "train_windows": windows,  # None when streamed (counted by no one)
+        "data": config.data,
         "epochs_run": state["epoch"] + 1,
         "best_epoch": state["best_epoch"] + 1,
         "stopped_early": state["bad_epochs"] >= config.patience,

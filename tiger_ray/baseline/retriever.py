@@ -11,6 +11,8 @@ import contextlib
 import logging
 import threading
 import time
+import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from tiger_ray import atomic
 from tiger_ray.baseline import ann_index
 from tiger_ray.baseline.ann_index import AnnIndex, IndexConfig
 from tiger_ray.baseline.dual_encoder import DualEncoder, DualEncoderConfig, pad_histories
+from tiger_ray.baseline.item_vectors import ITEM_TABLE_FILE
 from tiger_ray.evaluation.retrieval import Recommendations
 from tiger_ray.runs import RunDir
 
@@ -71,7 +74,17 @@ def load_model(run: RunDir, device: str | torch.device = "cpu") -> tuple[DualEnc
     model.load_state_dict(payload["model"])
     model.eval()
     model.model_id = payload.get("model_id")
-    return model, payload["item_table"].to(device), payload["user_ids"].cpu().numpy()
+    model.table_file = None  # set when the item table is the memory-mapped item_table.npy
+    if "item_table" in payload:
+        table = payload["item_table"].to(device)
+    else:  # large catalogs: RUN/baseline/item_table.npy, memory-mapped and shared by every process
+        from tiger_ray.baseline.item_vectors import open_item_table
+
+        with warnings.catch_warnings():  # read-only mmap: torch warns that it could be written
+            warnings.simplefilter("ignore", UserWarning)
+            table = torch.from_numpy(open_item_table(run, model.model_id)).to(device)
+        model.table_file = run.baseline / ITEM_TABLE_FILE
+    return model, table, payload["user_ids"].cpu().numpy()
 
 
 class AnnRetriever:
@@ -167,6 +180,53 @@ def split_queries(run: RunDir, encoder: AnnRetriever, split: str, limit: int) ->
     return np.concatenate(chunks) if chunks else np.zeros((0, encoder.model.config.dim), np.float32)
 
 
+def _build_sharded_ivfpq(run: RunDir, model: DualEncoder, table: torch.Tensor, table_file: Path | None,
+                         config: IndexConfig, path: Path):
+    """IVF-PQ built in Ray tasks and merged on disk (ondisk_index.py); the item vectors stay in a
+    memory-mapped [N+1, dim] file. Returns (index, vectors for exact search, normalise them?)."""
+    import math
+    import shutil
+    import tempfile
+
+    from tiger_ray.baseline.ondisk_index import build_ondisk_ivfpq
+
+    n = model.config.num_items
+    scratch = None
+    if table_file is None:  # a small table from model.pt (explicit --ivf-shards): give it a file
+        scratch = Path(tempfile.mkdtemp(prefix=".ivf-", dir=run.baseline))
+        table_file = scratch / ITEM_TABLE_FILE
+        np.save(table_file, table.cpu().numpy())
+    try:
+        build_ondisk_ivfpq(
+            table_file, path, nlist=ann_index.nlist_for(config, n), pq_m=config.pq_m,
+            pq_nbits=config.pq_nbits, nprobe=config.ivf_nprobe, train_sample=config.ivf_train_sample,
+            shards=config.ivf_shards or max(2, math.ceil(n / 1_000_000)),
+            normalize=model.config.normalize,
+            meta={"index_type": "ivfpq", "config": asdict(config), "model_id": model.model_id})
+        index = AnnIndex.load(path, gpu_index=config.gpu_index)
+        vectors = np.load(table_file, mmap_mode="r")[1:]
+        if scratch is not None:
+            vectors = np.array(vectors)  # the scratch file goes away below
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return index, vectors, model.config.normalize
+
+
+@torch.no_grad()
+def sample_queries(run: RunDir, model: DualEncoder, table: torch.Tensor, split: str, limit: int) -> np.ndarray:
+    """Query vectors of the first ``limit`` users' ``split`` examples, read in bounded batches
+    (large catalogs; no user embedding there)."""
+    from tiger_ray.baseline.stream import validation_sample
+
+    if split != "valid":
+        raise ValueError(f"large catalogs measure recall on the valid split, not {split!r}")
+    history, _ = validation_sample(run, model.config.max_history, limit)
+    chunks = [model.encode_queries(torch.from_numpy(history[lo: lo + 1024]), None, table=table).numpy()
+              for lo in range(0, len(history), 1024)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, model.config.dim), np.float32)
+
+
 def build_run_index(run: RunDir, config: IndexConfig, measure_split: str = "valid",
                     measure_queries: int = 5000, k: int = 10, eval_splits: tuple[str, ...] = ()) -> dict:
     """Build the ``config.index_type`` index over the exported model's item vectors, measure its
@@ -176,12 +236,20 @@ def build_run_index(run: RunDir, config: IndexConfig, measure_split: str = "vali
     splits, without writing RUN/eval/ (that is `tiger evaluate`'s), to see what the ANN error costs.
     """
     model, table, user_ids = load_model(run)
-    ids, vectors = item_vectors(model, table)
-    index = AnnIndex.build(vectors, ids, config)
+    ids = np.arange(1, model.config.num_items + 1, dtype=np.int64)
+    table_file = model.table_file
+    path = index_dir(run, config.index_type)
+    if config.index_type == "ivfpq" and (config.ivf_shards > 0 or table_file is not None):
+        index, vectors, normalize = _build_sharded_ivfpq(run, model, table, table_file, config, path)
+    else:
+        _, vectors = item_vectors(model, table)
+        normalize = False
+        index = AnnIndex.build(vectors, ids, config)
     encoder = AnnRetriever(model, table, index, user_ids)
-    queries = split_queries(run, encoder, measure_split, measure_queries)
+    queries = (split_queries(run, encoder, measure_split, measure_queries) if table_file is None
+               else sample_queries(run, model, table, measure_split, measure_queries))
     start = time.perf_counter()
-    measured = ann_index.measure(index, vectors, ids, queries, k=k)
+    measured = ann_index.measure(index, vectors, ids, queries, k=k, normalize=normalize)
     log.info("%s index: ann recall@%d vs exact %.4f on %d %s queries; %.3f ms/query single, "
              "%.4f ms/query batched (%.1fs)", config.index_type, k, measured[f"ann_recall@{k}"],
              len(queries), measure_split, measured["single_query_ms"], measured["batched_ms_per_query"],
@@ -196,7 +264,10 @@ def build_run_index(run: RunDir, config: IndexConfig, measure_split: str = "vali
                  "  ".join(f"{key} {v:.4f}" for key, v in evaluation[split].items()))
     extra = {"model_id": model.model_id, "measured_on": measure_split, **measured,
              **({"evaluation": evaluation} if evaluation else {})}
-    path = index_dir(run, config.index_type)
     index.save(path, extra=extra)
+    if index.directory is not None:  # how the on-disk build went (ondisk_index.py)
+        meta = atomic.read_json(path / ann_index.META_FILE)
+        extra.update({key: meta[key] for key in ("ondisk", "shards", "train_sample", "train_seconds",
+                                                 "add_seconds", "merge_seconds")})
     return {"index_type": config.index_type, "params": config.params(), "path": str(path),
             "bytes": index.nbytes(), "bytes_per_item": index.nbytes() / max(index.ntotal, 1), **extra}
