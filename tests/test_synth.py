@@ -23,7 +23,7 @@ CONFIG = SynthConfig(items=5_000, users=3_000, dim=16, clusters=8, sub_clusters=
 
 # Dataset methods that bring rows into the calling process, and constructors from driver data.
 ROWS_INTO_DRIVER = ["take", "take_all", "take_batch", "iter_rows", "iter_batches",
-                    "iter_torch_batches", "to_pandas", "show", "to_numpy_refs"]
+                    "iter_torch_batches", "to_pandas", "show"]
 DRIVER_DATA_INTO_RAY = ["from_items", "from_numpy", "from_pandas", "from_arrow"]
 
 
@@ -165,6 +165,16 @@ def test_a_failed_synth_leaves_no_run_and_an_existing_run_is_kept(ray_local, tmp
     with pytest.raises(ValueError, match="exists and is not empty.*--overwrite"):
         run_synth(run, small)
     assert [p.name for p in run.root.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.ray
+def test_large_synthetic_run_helper_for_other_tests(ray_local, tmp_path):
+    from tiger_ray.testing.synthetic import make_large_synthetic_run
+
+    run = make_large_synthetic_run(tmp_path / "run", n_items=1_000, n_users=300, dim=8,
+                                   clusters=4, chunk_rows=400)
+    assert count_rows(run.items) == 1_000 and count_rows(run.sequences) == 300
+    assert load_embeddings(run)[1].shape == (1_000, 8)
 
 
 @pytest.mark.ray

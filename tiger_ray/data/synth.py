@@ -282,10 +282,10 @@ def _write_table(config: SynthConfig, make_table, total: int, path: Path) -> Non
     import ray.data
 
     parts = _num_parts(config, total)
-    # One row per part and batch_size=1: each call makes one part, a worker holds one at a time.
-    ds = ray.data.range(parts, override_num_blocks=parts).map_batches(
-        _part_table(make_table, config, total), batch_size=1, batch_format="numpy")
-    with _preserve_order():
+    with _preserve_order():  # around the creation too: a Dataset may keep the context it saw
+        # One row per part and batch_size=1: each call makes one part, a worker holds one at a time.
+        ds = ray.data.range(parts, override_num_blocks=parts).map_batches(
+            _part_table(make_table, config, total), batch_size=1, batch_format="numpy")
         # OVERWRITE: the names carry no write id (they sort in id order); the directory is new.
         ds.write_parquet(str(path), filename_provider=_part_names(),
                          mode=ray.data.SaveMode.OVERWRITE)

@@ -66,3 +66,14 @@ def make_synthetic_embeddings(run: RunDir, dim: int = 32, n_topics: int = 4, noi
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     write_embeddings(run, item_ids, vectors.astype(np.float32), model="synthetic", normalized=True)
     return vectors.astype(np.float32)
+
+
+def make_large_synthetic_run(root, n_items: int = 20_000, n_users: int = 20_000, dim: int = 32,
+                             seed: int = 0, **overrides) -> RunDir:
+    """A `tiger synth` run (items and sequences as Parquet parts, embeddings written): the
+    large-catalog path at test size. Needs Ray (tests: the ``ray_local`` fixture)."""
+    from tiger_ray.data.synth import SynthConfig, run_synth
+
+    run = RunDir(root)
+    run_synth(run, SynthConfig(items=n_items, users=n_users, dim=dim, seed=seed, **overrides))
+    return run
