@@ -166,3 +166,20 @@ def test_shards_merged_on_disk_search_like_one_in_memory_index(tmp_path, ray_loc
     assert ann_recall(got_ids, exact) > 0.5
     wide = AnnIndex.load(path, ivf_nprobe=64)
     assert ann_recall(wide.search(queries, 10)[0], exact) >= ann_recall(got_ids, exact)
+
+
+def test_ivfpq_refine_reranks_candidates_by_exact_scores():
+    vectors = _clustered(3000, dim=16, clusters=30, seed=6)
+    ids = np.arange(1, 3001)
+    table = np.vstack([np.zeros((1, 16), np.float32), vectors * 3.0])  # by item id, unnormalised
+    queries = _clustered(100, dim=16, clusters=30, seed=7)
+    exact = exact_top_k(vectors, ids, queries, 10)
+    config = IndexConfig("ivfpq", ivf_nlist=16, ivf_nprobe=16, pq_m=4, pq_nbits=6)
+    plain = AnnIndex.build(vectors, ids, config)
+    refined = AnnIndex.build(vectors, ids, IndexConfig(**{**config.__dict__, "ivf_refine": 8}))
+    refined.attach_vectors(table, normalize=True)
+    got, scores = refined.search(queries, 10)
+    assert ann_recall(got, exact) > ann_recall(plain.search(queries, 10)[0], exact)
+    assert ann_recall(got, exact) > 0.9
+    np.testing.assert_allclose(scores, np.einsum("bd,bkd->bk", queries, vectors[got - 1]), rtol=1e-5, atol=1e-6)
+    assert (np.diff(scores, axis=1) <= 0).all()

@@ -72,6 +72,9 @@ class IndexConfig:
         "help": "IVF-PQ: Ray tasks that each add a range of items, merged on disk (faiss.contrib.ondisk) "
                 "and searched memory-mapped; 0 = in one process for small catalogs (item table in "
                 "model.pt), else one task per 1M items (at least 2)"})
+    ivf_refine: int = field(default=0, metadata={
+        "help": "IVF-PQ: fetch refine x k candidates and re-rank them by the exact inner product with "
+                "the item vectors (rows of the memory-mapped item table); 0 = rank by PQ scores"})
     ivf_train_sample: int = field(default=262_144, metadata={
         "help": "IVF-PQ built in shards: item vectors the coarse quantizer and PQ codebooks train on"})
     gpu_index: bool = field(default=False, metadata={
@@ -84,7 +87,7 @@ class IndexConfig:
     def params(self) -> dict:
         """The parameters that matter for ``index_type``."""
         keys = {"flat": [], "hnsw": ["hnsw_m", "hnsw_ef_construction", "hnsw_ef_search"],
-                "ivfpq": ["ivf_nlist", "ivf_nprobe", "pq_m", "pq_nbits", "ivf_shards"]}[self.index_type]
+                "ivfpq": ["ivf_nlist", "ivf_nprobe", "pq_m", "pq_nbits", "ivf_shards", "ivf_refine"]}[self.index_type]
         return {k: getattr(self, k) for k in keys}
 
 
@@ -157,6 +160,7 @@ class AnnIndex:
         self.dim = dim
         # Set for an IVF-PQ merged on disk (ondisk_index.py): its lists live in files there.
         self.directory = directory
+        self.refine_vectors, self.refine_normalize = None, False  # see attach_vectors
         self.index = index
         self.on_gpu = False
         self._gpu_resources = None
@@ -207,15 +211,35 @@ class AnnIndex:
         return np.concatenate([faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()
                                for i in range(invlists.nlist)] or [np.zeros(0, np.int64)])
 
+    def attach_vectors(self, vectors: np.ndarray, normalize: bool) -> None:
+        """Item vectors by item id ([N+1, dim], may be a memmap) for ``ivf_refine`` re-ranking."""
+        self.refine_vectors, self.refine_normalize = vectors, normalize
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(item ids [B, k] int64 with -1 for empty slots, inner products [B, k] float32)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be [B, {self.dim}], got {queries.shape}")
+        refine = (self.config.index_type == "ivfpq" and self.config.ivf_refine > 0
+                  and self.refine_vectors is not None)
         threads = self.config.search_threads or (1 if len(queries) < SMALL_BATCH else 0)
         with omp_threads(0 if self.on_gpu else threads):
-            scores, ids = self.index.search(queries, k)
-        return ids.astype(np.int64), scores.astype(np.float32)
+            scores, ids = self.index.search(queries, k * self.config.ivf_refine if refine else k)
+        ids, scores = ids.astype(np.int64), scores.astype(np.float32)
+        return self._refine(queries, ids, k) if refine else (ids, scores)
+
+    def _refine(self, queries: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        # PQ distances are approximate; the candidates' exact scores fix the order (only
+        # B x refine*k rows of the item table are read).
+        vectors = np.asarray(self.refine_vectors[np.maximum(ids, 0).ravel()], dtype=np.float32)
+        vectors = vectors.reshape(*ids.shape, -1)
+        if self.refine_normalize:
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=2, keepdims=True), 1e-12)
+        exact = np.einsum("bd,bkd->bk", queries, vectors)
+        exact[ids < 0] = -np.inf
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        ids, exact = np.take_along_axis(ids, order, axis=1), np.take_along_axis(exact, order, axis=1)
+        return ids, np.where(ids < 0, np.float32(-np.inf), exact).astype(np.float32)
 
     def nbytes(self) -> int:
         """Size of the serialised index (vectors or codes, graph or lists, and the id map)."""
@@ -274,7 +298,7 @@ class AnnIndex:
 
 
 def exact_top_k(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int,
-                chunk: int = 1024, item_chunk: int = 65536, normalize: bool = False) -> np.ndarray:
+                chunk: int = 1024, item_chunk: int = 16384, normalize: bool = False) -> np.ndarray:
     """Brute-force top-k item ids by inner product (the ground truth for ANN recall).
 
     Items are scored ``item_chunk`` rows at a time (``vectors`` may be a memmap; ``normalize``

@@ -139,17 +139,19 @@ class AnnRetriever:
 
 def load_retriever(run: RunDir, index_type: str | None = None, gpu_index: bool = False,
                    hnsw_ef_search: int | None = None, ivf_nprobe: int | None = None,
-                   device: str = "cpu", threads: int = 1) -> AnnRetriever:
+                   device: str = "cpu", threads: int = 1, ivf_refine: int | None = None) -> AnnRetriever:
     """The trained dual encoder with its FAISS index (default: the type chosen at training).
 
-    ``hnsw_ef_search`` / ``ivf_nprobe`` override the saved search-time parameters; ``threads`` is
-    the torch intra-op threads used to encode queries on CPU (1: best latency per request, scale
-    out with replicas; 0: leave torch's process-wide setting).
+    ``hnsw_ef_search`` / ``ivf_nprobe`` / ``ivf_refine`` override the saved search-time parameters;
+    ``threads`` is the torch intra-op threads used to encode queries on CPU (1: best latency per
+    request, scale out with replicas; 0: leave torch's process-wide setting).
     """
     model, table, user_ids = load_model(run, device)
     index_type = index_type or default_index_type(run)
     path = index_dir(run, index_type)
-    index = AnnIndex.load(path, gpu_index=gpu_index, hnsw_ef_search=hnsw_ef_search, ivf_nprobe=ivf_nprobe)
+    index = AnnIndex.load(path, gpu_index=gpu_index, hnsw_ef_search=hnsw_ef_search, ivf_nprobe=ivf_nprobe,
+                          ivf_refine=ivf_refine)
+    index.attach_vectors(table.cpu().numpy(), model.config.normalize)  # a view: no copy
     built_for = atomic.read_json(path / ann_index.META_FILE).get("model_id")
     if index.ntotal != model.config.num_items or built_for != model.model_id:
         raise ValueError(f"{path} was built for another model than {run.baseline / MODEL_FILE} "
@@ -245,6 +247,7 @@ def build_run_index(run: RunDir, config: IndexConfig, measure_split: str = "vali
         _, vectors = item_vectors(model, table)
         normalize = False
         index = AnnIndex.build(vectors, ids, config)
+    index.attach_vectors(table.cpu().numpy(), model.config.normalize)  # for ivf_refine
     encoder = AnnRetriever(model, table, index, user_ids)
     queries = (split_queries(run, encoder, measure_split, measure_queries) if table_file is None
                else sample_queries(run, model, table, measure_split, measure_queries))

@@ -150,7 +150,7 @@ def validation_sample(run: RunDir, max_history: int, limit: int) -> tuple[np.nda
 
 @torch.no_grad()
 def evaluate_chunked(model: DualEncoder, history: np.ndarray, targets: np.ndarray, batch_size: int,
-                     device: torch.device, item_chunk: int = 65536) -> MetricCollection:
+                     device: torch.device, item_chunk: int = 16384) -> MetricCollection:
     """Recall/NDCG@5/10 by exact top-k over the whole catalog, items scored ``item_chunk`` at a
     time and the running top-k merged: memory [batch, item_chunk], not [batch, N]."""
     model.eval()
