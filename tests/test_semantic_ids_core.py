@@ -161,39 +161,3 @@ def test_core_trains_without_ray():
         "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-
-
-def test_assignment_writes_checked_table_report_and_enforces_the_cap(tmp_path, monkeypatch):
-    """The driver side of the assignment pass, with the Ray Data inference replaced by fixed codes."""
-    import json
-
-    from tiger_ray.semantic_ids import assign
-    from tiger_ray.semantic_ids.report import write_report
-    from tiger_ray.semantic_ids.table import read_semantic_ids
-    from tiger_ray.testing.synthetic import make_synthetic_embeddings, make_synthetic_run
-
-    run = make_synthetic_run(tmp_path / "run", n_items=6)
-    make_synthetic_embeddings(run, dim=8)
-    prefixes = np.array([[1, 2, 3], [0, 0, 0], [1, 2, 3], [4, 4, 4], [1, 2, 3], [0, 0, 0]])
-    shuffled = np.array([5, 0, 3, 1, 4, 2])  # Ray Data may return rows in any order
-
-    def fake_predict(run_, model_path, config):  # rows in no particular order
-        ids = np.arange(1, 7)[shuffled]
-        return {"item_id": ids, **{f"c{l}": prefixes[shuffled, l] for l in range(3)},
-                "recon_error": np.full(6, 0.5)[shuffled], "input_sq_norm": np.ones(6)}
-
-    monkeypatch.setattr(assign, "predict_codes", fake_predict)
-    config = replace(TINY, max_collision_token=3)
-    result = assign.assign_semantic_ids(run, config, model_path=tmp_path / "unused.pt")
-    table = read_semantic_ids(run)
-    assert table.codes[:, 3].tolist() == [0, 0, 1, 0, 2, 1]  # c3 in item_id order
-    assert np.array_equal(result.codes, table.codes)
-    report = write_report(run, result, [], config)
-    assert report["collisions"]["largest_collision_group"] == 3
-    assert report["usage"] == [3 / 8, 3 / 8, 3 / 8]  # codes {0, 1, 4}, {0, 2, 4}, {0, 3, 4}
-    assert report["unique_ids"] == 1.0
-    assert report["reconstruction_error"]["relative_mean"] == pytest.approx(0.5)
-    assert json.loads((run.semantic_ids / "report.json").read_text())["items"] == 6
-    assert (run.semantic_ids / "report.png").read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(CollisionCapError, match="capped at 2"):
-        assign.assign_semantic_ids(run, replace(config, max_collision_token=2), model_path=tmp_path / "unused.pt")

@@ -14,8 +14,9 @@ def register(subparsers) -> None:
         subparsers, "train-rqvae", config_cls=RQVAEConfig, presets=PRESETS, func=_train_rqvae,
         help="train the RQ-VAE (Ray Train) and assign Semantic IDs to every item",
         description="Train the RQ-VAE on RUN/embeddings with Ray Train (DDP, checkpoints in "
-        "RUN/semantic_ids/train/; a re-run resumes), then write RUN/semantic_ids/"
-        "semantic_ids.parquet (item_id, c0..c3), model.pt, metrics.jsonl, report.json and plots.",
+        "RUN/semantic_ids/train/; a re-run resumes), then write RUN/semantic_ids/: codes.npy "
+        "(row = item_id) and the sorted-key index (memory-mapped by readers), semantic_ids.json, "
+        "a semantic_ids.parquet export, model.pt, metrics.jsonl, report.json and plots.",
         run_help="run directory (after `tiger embed`)",
         preset_help="tiny (tests), cpu (this machine), paper (GPU clusters); flags override it")
 

@@ -6,9 +6,11 @@
          ``checkpoint_every`` epochs; a re-run resumes from the latest one (``--fresh`` starts
          over); a crashed worker restarts from it (``max_failures``).
       2. RUN/semantic_ids/model.pt + config.json + metrics.jsonl (one line per epoch).
-      3. Assignment (``assign.py``, Ray Data batch inference) -> codes + collision tokens.
+      3. Assignment (``assign.py``, Ray Data batch inference, collision tokens per prefix bucket)
+         -> codes.npy and the sorted-key index, plus streamed statistics.
       4. Report (``report.py``) -> report.json, report.png, learning_curve.png.
-      5. semantic_ids.parquet, written last: its presence means the stage completed.
+      5. semantic_ids.parquet (export), then semantic_ids.json, written last: its presence means
+         the stage completed.
 """
 
 from __future__ import annotations
@@ -209,9 +211,8 @@ def run_train_rqvae(run: RunDir, config: RQVAEConfig) -> dict:
     """The `tiger train-rqvae` stage: train, export, assign Semantic IDs, report. Returns the summary."""
     from tiger_ray.embedding.store import MANIFEST, Manifest
     from tiger_ray.ray_env import ray_session
-    from tiger_ray.semantic_ids.assign import compute_semantic_ids
+    from tiger_ray.semantic_ids.assign import compute_semantic_ids, finish_table
     from tiger_ray.semantic_ids.report import write_report
-    from tiger_ray.semantic_ids.table import read_semantic_ids, write_semantic_ids
 
     if config.num_levels != len(CODE_COLUMNS) - 1:
         raise ValueError(f"num_levels must be {len(CODE_COLUMNS) - 1}: Semantic IDs are "
@@ -224,15 +225,14 @@ def run_train_rqvae(run: RunDir, config: RQVAEConfig) -> dict:
         train_seconds = time.perf_counter() - start
         export_model(run, config, state, manifest.dim)
         start = time.perf_counter()
-        assignment = compute_semantic_ids(run, config)
+        stats = compute_semantic_ids(run, config)
         assign_seconds = time.perf_counter() - start
     history = state["history"]
-    report = write_report(run, assignment, history, config, extra={
+    report = write_report(run, stats, history, config, extra={
         "workers": config.workers, "use_gpu": config.use_gpu,
         "train_seconds": round(train_seconds, 2), "assign_seconds": round(assign_seconds, 2)})
-    # The table last: its presence marks the stage complete (`tiger pipeline` skips it then).
-    write_semantic_ids(run, assignment.item_ids, assignment.codes)
-    read_semantic_ids(run, codebook_size=config.codebook_size)  # and the reader's checks pass
+    # The table's metadata last: its presence marks the stage complete.
+    finish_table(run, stats)
     final = history[-1] if history else {}
     summary = {
         "items": report["items"], "epochs": int(state["epoch"]), "workers": config.workers,
@@ -242,7 +242,7 @@ def run_train_rqvae(run: RunDir, config: RQVAEConfig) -> dict:
         "largest_collision_group": report["collisions"]["largest_collision_group"],
         "fraction_c3_positive": report["collisions"]["fraction_c3_positive"],
         "train_seconds": round(train_seconds, 2), "assign_seconds": round(assign_seconds, 2),
-        "semantic_ids": str(run.semantic_ids / "semantic_ids.parquet"),
+        "semantic_ids": str(run.semantic_ids / "codes.npy"),
     }
     log.info("Semantic IDs for %d items: unique %.4f, usage %s, largest collision group %d, "
              "c3 > 0 for %.2f%%", summary["items"], summary["unique_ids"],

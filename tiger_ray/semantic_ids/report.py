@@ -13,7 +13,6 @@ import numpy as np
 
 from tiger_ray import atomic
 from tiger_ray.runs import RunDir
-from tiger_ray.semantic_ids.collisions import collision_stats
 from tiger_ray.semantic_ids.config import RQVAEConfig
 
 REPORT_FILE = "report.json"
@@ -26,30 +25,24 @@ def _perplexity(counts: np.ndarray) -> float:
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
-def build_report(assignment, history: list[dict], config: RQVAEConfig, extra: dict | None = None) -> dict[str, Any]:
-    """The numbers of report.json (``assignment`` is an ``assign.Assignment``)."""
-    prefixes, size = assignment.prefixes, assignment.codebook_size
-    counts = [np.bincount(prefixes[:, level], minlength=size) for level in range(prefixes.shape[1])]
-    err = assignment.recon_error
-    relative = err / np.maximum(assignment.input_sq_norm, 1e-12)
-    n = len(assignment.item_ids)
+def build_report(stats, history: list[dict], config: RQVAEConfig, extra: dict | None = None) -> dict[str, Any]:
+    """The numbers of report.json from the assignment's aggregates (``assign.AssignmentStats``)."""
+    counts, size, n = stats.code_counts, stats.codebook_size, stats.items
     final = history[-1] if history else {}
     return {
         "items": n,
-        "levels": prefixes.shape[1],
+        "levels": stats.levels,
         "codebook_size": size,
-        "unique_ids": len(np.unique(assignment.codes, axis=0)) / max(n, 1),
+        # 4-code IDs are unique by construction, and the assignment verified it on the index
+        "unique_ids": 1.0,
         "usage": [float((c > 0).mean()) for c in counts],
         "codes_used": [int((c > 0).sum()) for c in counts],
         "perplexity": [_perplexity(c) for c in counts],
         "max_items_per_code": [int(c.max()) for c in counts],
-        "collisions": {**collision_stats(prefixes), "max_c3": int(assignment.codes[:, -1].max()),
-                       "max_collision_token": assignment.max_collision_token},
-        "reconstruction_error": {
-            "mean": float(err.mean()), "median": float(np.median(err)),
-            "p95": float(np.percentile(err, 95)), "max": float(err.max()),
-            "relative_mean": float(relative.mean()),  # ||x - x_hat||^2 / ||x||^2
-        },
+        "collisions": {**stats.collision_stats(), "max_c3": len(stats.c3_counts) - 1,
+                       "max_collision_token": stats.max_collision_token},
+        # mean, relative_mean and max exact; median and p95 from a 65536-bin histogram
+        "reconstruction_error": {k: float(v) for k, v in stats.error.items()},
         "training": {"epochs": int(final.get("epoch", 0)),
                      "final": {k: v for k, v in final.items() if isinstance(v, (int, float))},
                      **(extra or {})},
@@ -58,18 +51,17 @@ def build_report(assignment, history: list[dict], config: RQVAEConfig, extra: di
     }
 
 
-def plot_report(path, assignment, report: dict) -> None:
+def plot_report(path, stats, report: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    prefixes, size = assignment.prefixes, assignment.codebook_size
-    levels = prefixes.shape[1]
+    size, levels = stats.codebook_size, stats.levels
     fig, axes = plt.subplots(2, max(levels, 3), figsize=(5 * max(levels, 3), 8))
     for level in range(levels):
         ax = axes[0, level]
-        counts = np.sort(np.bincount(prefixes[:, level], minlength=size))[::-1]
+        counts = np.sort(stats.code_counts[level])[::-1]
         ax.bar(np.arange(size), counts, width=1.0, color="tab:blue")
         ax.set_title(f"level {level}: {report['codes_used'][level]}/{size} codes used "
                      f"({100 * report['usage'][level]:.1f}%), perplexity {report['perplexity'][level]:.0f}")
@@ -87,13 +79,14 @@ def plot_report(path, assignment, report: dict) -> None:
     ax.set_title(f"collisions: largest group {col['largest_collision_group']}, "
                  f"c3 > 0 for {100 * col['fraction_c3_positive']:.2f}% of items")
     ax = axes[1, 1]
-    ax.hist(assignment.codes[:, -1], bins=np.arange(assignment.codes[:, -1].max() + 2) - 0.5, color="tab:green")
+    ax.bar(np.arange(len(stats.c3_counts)), stats.c3_counts, width=1.0, color="tab:green")
     ax.set_yscale("log")
     ax.set_xlabel("collision token c3")
     ax.set_ylabel("items")
     ax.set_title(f"unique Semantic IDs: {100 * report['unique_ids']:.2f}% of {report['items']} items")
     ax = axes[1, 2]
-    ax.hist(assignment.recon_error, bins=50, color="tab:red")
+    hist, edges = stats.error_hist
+    ax.bar(edges[:-1], hist, width=np.diff(edges), align="edge", color="tab:red")
     rec = report["reconstruction_error"]
     ax.set_xlabel("||x - x_hat||^2")
     ax.set_ylabel("items")
@@ -139,12 +132,12 @@ def plot_learning_curves(path, history: list[dict], num_levels: int) -> None:
     plt.close(fig)
 
 
-def write_report(run: RunDir, assignment, history: list[dict], config: RQVAEConfig,
+def write_report(run: RunDir, stats, history: list[dict], config: RQVAEConfig,
                  extra: dict | None = None) -> dict[str, Any]:
     """Write report.json and both plots to RUN/semantic_ids/; returns the report."""
-    report = build_report(assignment, history, config, extra)
+    report = build_report(stats, history, config, extra)
     atomic.write_json(run.semantic_ids / REPORT_FILE, report)
-    plot_report(run.semantic_ids / PLOT_FILE, assignment, report)
+    plot_report(run.semantic_ids / PLOT_FILE, stats, report)
     if history:
-        plot_learning_curves(run.semantic_ids / CURVE_FILE, history, assignment.prefixes.shape[1])
+        plot_learning_curves(run.semantic_ids / CURVE_FILE, history, stats.levels)
     return report
