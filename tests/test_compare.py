@@ -72,7 +72,7 @@ def test_tiger_index_bytes_counts_table_and_trie(tmp_path):
     codes = np.array([[0, 0, 0, 0], [0, 0, 0, 1], [0, 1, 2, 0], [1, 0, 0, 0], [1, 2, 2, 0], [2, 2, 2, 0]])
     write_semantic_ids(run, np.arange(1, 7), codes)
     sizes = tiger_index_bytes(run)
-    assert sizes["semantic_id_table_bytes"] == 6 * 8 + 6 * 4 * 8  # int64 item id + 4 int64 codes
+    assert sizes["semantic_id_table_bytes"] == (6 + 1) * 4  # [N+1, 4] uint8 codes, row = item id
     assert sizes["trie_bytes"] == SemanticIdTrie.from_semantic_ids(read_semantic_ids(run)).nbytes() > 0
     assert sizes["bytes_per_item"] == pytest.approx(sizes["bytes"] / 6)
 

@@ -5,7 +5,7 @@
     tiger evaluate --run runs/beauty --split test --temperature 1.5  # diverse sampling (Entropy@10)
     tiger evaluate --run runs/beauty --cold-start --epsilon 0.1      # paper Sec. 4.3
 
-Writes RUN/eval/<model>/<split>/{metrics.json, predictions.parquet}: Recall/NDCG@5/10, the
+Writes RUN/eval/<model>/<split>/{metrics.json, predictions.parquet/ (parts)}: Recall/NDCG@5/10, the
 invalid-ID rate (TIGER), Entropy@10 of the top-10's item categories, throughput.
 """
 
@@ -37,6 +37,9 @@ def register(subparsers) -> None:
                    help="users handed to the model at once; TIGER sorts them by history length "
                         "inside a batch, so larger batches pad less (default: 1024)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N users")
+    p.add_argument("--workers", type=int, default=0,
+                   help="Ray Data actors decoding batches of users in parallel, each loading the "
+                        "model once (default: 0 = in this process)")
     p.add_argument("--beam-size", dest="beam_size", type=int, default=None,
                    help="TIGER: beams kept per step (default: 20)")
     p.add_argument("--temperature", type=float, default=None,
@@ -76,13 +79,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     run = RunDir(args.run)
     if args.k < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise ValueError("--k, --batch-size and --limit must be >= 1")
+    if args.workers < 0:
+        raise ValueError("--workers must be >= 0")
     options = {name: getattr(args, name) for name in MODEL_OPTIONS if getattr(args, name) is not None}
     if args.cold_start:
         result = evaluate_cold(run, args, options)
         print(format_cold(result, run))
         return 0
     result = evaluate(run, args.model, args.split, k=args.k, batch_size=args.batch_size,
-                      limit=args.limit, category_level=args.category_level, **options)
+                      limit=args.limit, category_level=args.category_level, workers=args.workers,
+                      **options)
     print(format_table(result, dataset_of(run)))
     print(f"wrote {run.eval_dir(result['model'], args.split)}/metrics.json, predictions.parquet")
     return 0
@@ -114,22 +120,38 @@ def load(run, model: str, **options):
 
 def item_categories(run, level: int = -1) -> tuple[np.ndarray, list[str]]:
     """[max_item_id + 1] category index of each item (element ``level`` of its first category
-    path, "" when it has none) and the category names."""
-    from tiger_ray.data.schema import read_items
+    path, its last element when the path is shorter, "" when it has none) and the category
+    names in order of first appearance. Streamed over items.parquet with array operations."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
-    table = read_items(run.require(run.items, "tiger prepare"), columns=["item_id", "categories"])
-    item_ids = table.column("item_id").to_numpy()
+    from tiger_ray.data.schema import iter_batches
+    from tiger_ray.evaluation.retrieval import catalog_size
+
+    path = run.require(run.items, "tiger prepare")
+    lookup = np.full(catalog_size(run) + 1, -1, dtype=np.int64)
     names: dict[str, int] = {}
-    codes = np.empty(len(item_ids), dtype=np.int64)
-    for i, paths in enumerate(table.column("categories").to_pylist()):
-        path = paths[0] if paths else []
-        try:
-            name = path[level] if path else ""
-        except IndexError:
-            name = path[-1]
-        codes[i] = names.setdefault(name, len(names))
-    lookup = np.full(int(item_ids.max()) + 1, -1, dtype=np.int64)
-    lookup[item_ids] = codes
+    for batch in iter_batches(path, ["item_id", "categories"]):
+        item_ids = batch.column("item_id").to_numpy()
+        paths = batch.column("categories")
+        n_paths = pc.fill_null(pc.list_value_length(paths), 0).to_numpy()
+        inner = pc.list_flatten(paths)  # every path of these items, in order
+        first = np.cumsum(n_paths) - n_paths  # index of each item's first path in ``inner``
+        path_len = pc.fill_null(pc.list_value_length(inner), 0).to_numpy()
+        words = pc.list_flatten(inner).to_numpy(zero_copy_only=False)
+        word_start = np.cumsum(path_len) - path_len
+        length = np.zeros(len(item_ids), dtype=np.int64)  # of each item's first path
+        length[n_paths > 0] = path_len[first[n_paths > 0]]
+        pick = level if level >= 0 else length + level
+        pick = np.where((pick < 0) | (pick >= length), length - 1, pick)  # out of range: the leaf
+        has = length > 0
+        chosen = np.full(len(item_ids), "", dtype=object)
+        if has.any():
+            chosen[has] = words[word_start[first[has]] + pick[has]]
+        encoded = pc.dictionary_encode(pa.array(chosen, pa.string()))  # first-appearance order
+        codes = np.array([names.setdefault(name, len(names))
+                          for name in encoded.dictionary.to_pylist()], dtype=np.int64)
+        lookup[item_ids] = codes[encoded.indices.to_numpy()]
     return lookup, list(names)
 
 
@@ -154,17 +176,24 @@ class WithEntropy:
 
 def evaluate(run, model: str = "tiger", split: str = "test", *, k: int = 10, batch_size: int = 1024,
              limit: int | None = None, category_level: int = -1, write: bool = True,
-             progress: bool = True, **options) -> dict:
-    """Load ``model`` through the registry and run ``evaluate_retriever``; returns metrics.json."""
+             progress: bool = True, workers: int = 0, **options) -> dict:
+    """Load ``model`` through the registry and run ``evaluate_retriever``; returns metrics.json.
+    ``workers`` >= 1: Ray Data batch inference, each actor loading the model itself."""
+    import functools
+
     from tiger_ray import atomic
+    from tiger_ray.evaluation.registry import RetrieverFactory
     from tiger_ray.evaluation.retrieval import evaluate_retriever
 
-    retriever = load(run, model, **options)
+    retriever = load(run, model, **options)  # here too: bad options and missing models fail early
     category_of, _ = item_categories(run, category_level)
-    wrapped = WithEntropy(retriever, category_of, k=min(10, k))
+    wrap = functools.partial(WithEntropy, category_of=category_of, k=min(10, k))
     max_history = getattr(getattr(retriever, "tokenizer", None), "max_history", None)
-    result = evaluate_retriever(wrapped, run, split, k=k, batch_size=batch_size,
-                                max_history=max_history, limit=limit, write=write, progress=progress)
+    target = (RetrieverFactory(str(run.root), model, dict(options), wrap=wrap) if workers
+              else wrap(retriever))
+    result = evaluate_retriever(target, run, split, k=k, batch_size=batch_size,
+                                max_history=max_history, limit=limit, write=write,
+                                progress=progress, workers=workers)
     result["dataset"] = dataset_of(run)
     for name in ("beam_size", "temperature", "precision"):
         if hasattr(retriever, name):

@@ -70,13 +70,22 @@ def quality(run: RunDir, model: str) -> dict:
 
 
 def query_set(run: RunDir, split: str, n: int):
-    """The first ``n`` (history, user id) pairs of a split: what both models are timed on."""
-    from tiger_ray.data.schema import read_sequences
-    from tiger_ray.data.split import build_examples
+    """The first ``n`` (history, user id) pairs of a split: what both models are timed on. Only
+    the first batch of users is read, however large the run."""
+    import numpy as np
 
-    examples = build_examples(read_sequences(run.require(run.sequences, "tiger prepare")), split)
-    n = min(n, len(examples))
-    return [examples.history(i) for i in range(n)], examples.user_ids[:n]
+    from tiger_ray.data.schema import iter_batches
+    from tiger_ray.evaluation.retrieval import eval_examples, user_columns
+
+    histories, user_ids = [], []
+    for users in iter_batches(run.require(run.sequences, "tiger prepare"), ["user_id", "item_ids"],
+                              max(n, 1)):
+        ids, offsets, flat = user_columns(users.slice(0, n - len(histories)))
+        histories += eval_examples(offsets, flat, split)[0]
+        user_ids.append(ids)
+        if len(histories) >= n:
+            break
+    return histories, (np.concatenate(user_ids) if user_ids else np.zeros(0, np.int64))
 
 
 def latency(retriever, histories, user_ids, config: CompareConfig) -> dict:
@@ -109,7 +118,8 @@ def latency(retriever, histories, user_ids, config: CompareConfig) -> dict:
 
 
 def tiger_index_bytes(run: RunDir, retriever=None) -> dict:
-    """Semantic-ID table (item id + 4 codes, as held in memory) and the prefix trie's arrays."""
+    """Semantic-ID table (as held in memory: [N+1, 4] codes indexed by item id) and the
+    decoding index's arrays."""
     if retriever is not None and hasattr(retriever, "trie") and hasattr(retriever, "tokenizer"):
         table, trie = retriever.tokenizer.semantic_ids, retriever.trie
     else:
@@ -118,7 +128,7 @@ def tiger_index_bytes(run: RunDir, retriever=None) -> dict:
 
         table = read_semantic_ids(run)
         trie = SemanticIdTrie.from_semantic_ids(table)
-    table_bytes = int(table.item_ids.nbytes + table.codes.nbytes)
+    table_bytes = int(table.nbytes())
     trie_bytes = int(trie.nbytes())
     items = int(table.num_items)
     return {"items": items, "semantic_id_table_bytes": table_bytes, "trie_bytes": trie_bytes,

@@ -15,6 +15,9 @@ class EvaluateConfig:
     k: int = field(default=10, metadata={"help": "ranked list length"})
     batch_size: int = field(default=1024, metadata={"help": "users per evaluation batch"})
     limit: int | None = field(default=None, metadata={"help": "evaluate only the first N users"})
+    workers: int = field(default=0, metadata={
+        "help": "Ray Data actors decoding batches of users, each loading the model once (0 = in "
+                "this process; both stream the users)"})
 
 
 # Evaluation is the same at every scale: the full split, the paper's metrics.
@@ -26,5 +29,5 @@ def run_evaluate(run: RunDir, config: EvaluateConfig) -> dict:
     from tiger_ray.evaluation.cli import evaluate
 
     return {split: evaluate(run, config.model, split, k=config.k, batch_size=config.batch_size,
-                            limit=config.limit)
+                            limit=config.limit, workers=config.workers)
             for split in config.splits}

@@ -1,8 +1,11 @@
 """Training examples as token arrays, length-bucketed batches, rank sharding and fast collation.
 
-Every prefix of each user's training part is one example (``build_examples(..., "train")``). We
-tokenise them once into a flat int32 array plus offsets (a few bytes per token, no Python objects
-per example), then each epoch:
+Every prefix of each user's training part is one example (``build_examples(..., "train")``).
+``training_examples`` turns a batch of users into their tokenised examples as fixed-width columns;
+under Ray Train it runs inside Ray Data (``ExampleBuilder``, a ``map_batches`` class) and every
+rank reads its share with ``StreamedBatches`` (length buckets formed inside chunks of its shard).
+For one-process training (tests, small runs) the examples are tokenised into a flat int32 array
+plus offsets (``TokenizedExamples``, no Python objects per example), and each epoch:
 
 1. shuffle all examples with a seed derived from (seed, epoch), cut the order into chunks of
    ``chunk_batches`` global batches, and sort each chunk by source length: batches then hold
@@ -20,11 +23,12 @@ the others, and a resumed run replays exactly the batches it had not yet seen.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from tiger_ray.data.split import Examples
+from tiger_ray.data.split import MIN_SEQUENCE_LENGTH, Examples
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,116 @@ def tokenize_examples(examples: Examples, tokenizer, chunk_size: int = 8192) -> 
     return TokenizedExamples(source_flat=flat, source_offsets=offsets,
                              targets=targets.reshape(n, tokenizer.tokens_per_item),
                              user_ids=examples.user_ids.copy())
+
+
+# ---------------------------------------------------------------- users -> example rows (Ray Data)
+
+def training_examples(user_ids: np.ndarray, offsets: np.ndarray, flat: np.ndarray, tokenizer,
+                      cold_items: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The training examples of a batch of users as fixed-width columns, in ``build_examples``
+    order (user by user, shortest prefix first) and with its tokens:
+
+        source      [E, max_source_len] int32, the tokenizer's source, right-padded with PAD
+        source_len  [E] int32, its non-padding length
+        targets     [E, tokens_per_item] int32
+        user_id     [E] int64
+
+    User u's items are ``flat[offsets[u]:offsets[u+1]]``. The same examples as
+    ``build_examples(..., "train", tokenizer.max_history)`` followed, when ``cold_items`` is
+    given, by ``exclude_from_training`` (histories are cut to max_history first, then lose their
+    cold items), found with array arithmetic instead of a loop over examples.
+    """
+    user_ids = np.asarray(user_ids, dtype=np.int64)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    flat = np.asarray(flat, dtype=np.int64)
+    lengths = np.diff(offsets)
+    short = np.flatnonzero(lengths < MIN_SEQUENCE_LENGTH)
+    if len(short):
+        raise ValueError(f"{len(short)} users have fewer than {MIN_SEQUENCE_LENGTH} items and cannot "
+                         f"be split leave-one-out (e.g. user_id {int(user_ids[short[0]])})")
+    # Training part s_1..s_{n-2}; example t (1-based target position) predicts s_{t+1} from s_1..s_t.
+    per_user = lengths - MIN_SEQUENCE_LENGTH
+    user_row = np.repeat(np.arange(len(lengths)), per_user)
+    first = np.cumsum(per_user) - per_user
+    t = np.arange(len(user_row), dtype=np.int64) - np.repeat(first, per_user) + 1
+    base = offsets[user_row]
+    target_at = base + t
+    start = base + np.maximum(0, t - tokenizer.max_history)  # the max_history cut comes first
+    keep_item = np.ones(len(flat), dtype=bool)
+    if cold_items is not None and len(cold_items):
+        keep_item = ~np.isin(flat, np.asarray(cold_items, dtype=np.int64))
+    before = np.zeros(len(flat) + 1, dtype=np.int64)  # kept items in flat[:i]
+    np.cumsum(keep_item, out=before[1:])
+    counts = before[target_at] - before[start]
+    keep = keep_item[target_at] & (counts > 0)
+    start, counts, target_at, user_row = start[keep], counts[keep], target_at[keep], user_row[keep]
+    kept_positions = np.flatnonzero(keep_item)
+    history_flat = flat[kept_positions[_ranges(before[start], counts)]]
+    histories = np.split(history_flat, np.cumsum(counts)[:-1]) if len(counts) else []
+    users = user_ids[user_row]
+    width = tokenizer.max_source_len
+    if len(histories):
+        source, pad = tokenizer.encode_batch(histories, users, pad_to=width)
+    else:
+        source, pad = np.zeros((0, width), np.int64), np.zeros((0, width), bool)
+    targets = np.asarray(tokenizer.item_tokens(flat[target_at]), dtype=np.int32)
+    return {"source": source.astype(np.int32),
+            "source_len": (~pad).sum(axis=1).astype(np.int32),
+            "targets": targets.reshape(len(target_at), tokenizer.tokens_per_item),
+            "user_id": users}
+
+
+def examples_from_columns(columns: dict[str, np.ndarray]) -> TokenizedExamples:
+    """Fixed-width example rows (``training_examples``' columns) -> flat ``TokenizedExamples``."""
+    source = np.asarray(columns["source"])
+    lengths = np.asarray(columns["source_len"], dtype=np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    valid = np.arange(source.shape[1])[None, :] < lengths[:, None]
+    return TokenizedExamples(source_flat=source[valid].astype(np.int32), source_offsets=offsets,
+                             targets=np.asarray(columns["targets"], dtype=np.int32),
+                             user_ids=np.asarray(columns["user_id"], dtype=np.int64))
+
+
+def user_slices(path) -> list[dict]:
+    """One work item per row group of sequences.parquet (a file or parts), from the footers:
+    what ``ExampleBuilder`` reads."""
+    from tiger_ray.evaluation.retrieval import row_group_slices
+
+    return row_group_slices(path)
+
+
+class ExampleBuilder:
+    """``map_batches`` class: row groups of sequences.parquet (``user_slices`` items) -> the
+    example rows of their users, ``users_per_batch`` users at a time (a generator, so a large
+    row group never becomes one huge block).
+
+    Ray Data builds it once per actor, so the tokenizer (a lookup table over the whole catalog) is
+    loaded once per actor, not once per batch. ``make_tokenizer`` is called there (a picklable
+    zero-argument callable, e.g. a ``functools.partial``). It reads the row groups itself
+    (``row_group_slices`` says why not ``ray.data.read_parquet``)."""
+
+    def __init__(self, make_tokenizer: Callable[[], object], cold_items: np.ndarray | None = None,
+                 users_per_batch: int = 1024):
+        self.tokenizer = make_tokenizer()
+        self.cold_items = None if cold_items is None else np.asarray(cold_items, dtype=np.int64)
+        self.users_per_batch = users_per_batch
+
+    def __call__(self, slices: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        from tiger_ray.evaluation.retrieval import read_slices
+
+        for users in read_slices(slices, ["user_id", "item_ids"], self.users_per_batch):
+            yield self.examples(users)
+
+    def examples(self, users) -> dict[str, np.ndarray]:
+        """A pyarrow batch of users (user_id, item_ids) -> their example rows."""
+        items = users.column("item_ids")
+        if hasattr(items, "combine_chunks"):
+            items = items.combine_chunks()
+        offsets = items.offsets.to_numpy().astype(np.int64)
+        return training_examples(users.column("user_id").to_numpy().astype(np.int64),
+                                 offsets - offsets[0], items.flatten().to_numpy(),
+                                 self.tokenizer, self.cold_items)
 
 
 # ---------------------------------------------------------------- batching
@@ -197,3 +311,109 @@ def padding_fraction(data: TokenizedExamples, batches: list[np.ndarray]) -> floa
     real = sum(int(lengths[b].sum()) for b in batches)
     padded = sum(int(lengths[b].max()) * len(b) for b in batches)
     return 1.0 - real / padded if padded else 0.0
+
+
+# ---------------------------------------------------------------- batch sources for the trainer
+
+class InMemoryBatches:
+    """One process's view of in-memory examples: ``bucketed_batches`` over all of them, this
+    rank's strided share of each global batch. A function of (seed, epoch): a resumed run
+    replays exactly the batches it had not yet seen."""
+
+    def __init__(self, data: TokenizedExamples, batch_size: int, *, seed: int, chunk_batches: int,
+                 rank: int, world_size: int, pad_id: int, bos_id: int):
+        if len(data) < world_size:
+            raise ValueError(f"{len(data)} training examples cannot feed {world_size} workers")
+        self.data, self.batch_size, self.seed, self.chunk_batches = data, batch_size, seed, chunk_batches
+        self.rank, self.world_size, self.pad_id, self.bos_id = rank, world_size, pad_id, bos_id
+        self.lengths = data.lengths
+
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        return bucketed_batches(self.lengths, self.batch_size, seed=self.seed, epoch=epoch,
+                                chunk_batches=self.chunk_batches, min_batch_size=self.world_size)
+
+    def batches_per_epoch(self) -> int:
+        return len(self.plan(0))
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[Batch, int]]:
+        """(this rank's batch, examples in the global batch) for the batches after the first ``skip``."""
+        for index in self.plan(epoch)[skip:]:
+            rows = shard_batch(index, self.rank, self.world_size)
+            yield collate(self.data, rows, pad_id=self.pad_id, bos_id=self.bos_id), len(index)
+
+
+def collate_rows(rows: dict[str, np.ndarray], index: np.ndarray, *, pad_id: int, bos_id: int) -> Batch:
+    """``collate`` for fixed-width example rows: padding only up to this batch's longest source."""
+    lengths = rows["source_len"][index]
+    width = int(lengths.max()) if len(index) else 0
+    source = rows["source"][index, :width].astype(np.int64)  # right-padded with PAD already
+    pad = np.arange(width)[None, :] >= lengths[:, None]
+    source[pad] = pad_id
+    target_out = rows["targets"][index].astype(np.int64)
+    target_in = np.empty_like(target_out)
+    target_in[:, 0] = bos_id
+    target_in[:, 1:] = target_out[:, :-1]
+    return Batch(source=torch.from_numpy(source), source_pad=torch.from_numpy(pad),
+                 target_in=torch.from_numpy(target_in), target_out=torch.from_numpy(target_out))
+
+
+class StreamedBatches:
+    """This rank's batches from its Ray Data shard (``ray.train.get_dataset_shard``).
+
+    Length bucketing as in ``bucketed_batches``, within what streams by: the rows come in chunks
+    of ``chunk_batches`` batches (after Ray Data's local shuffle buffer); a chunk is shuffled,
+    sorted by source length (stable, so the shuffle survives among equal lengths) and cut into
+    batches, whose order is shuffled. ``batch_size`` is this rank's share of the global batch.
+
+    DDP needs every rank to take the same number of steps. Ray Train splits the dataset with
+    ``equal=True`` (every shard the same row count), and ``agree`` (the minimum over the ranks,
+    one all-reduce per chunk) makes every rank stop a chunk, and the epoch, where the shortest
+    shard does, whatever the split gave.
+
+    Unlike ``InMemoryBatches`` the order is not a function of (seed, epoch) (Ray Data decides
+    which rows reach which rank, in which order): a resumed run skips as many batches of the
+    interrupted epoch as were trained, without replaying the same ones.
+    """
+
+    def __init__(self, shard, batch_size: int, *, chunk_batches: int, seed: int, rank: int,
+                 pad_id: int, bos_id: int, world_size: int = 1, examples: int | None = None,
+                 agree: Callable[[int], int] | None = None, shuffle_buffer: int | None = None):
+        if batch_size < 1 or chunk_batches < 1:
+            raise ValueError(f"batch_size and chunk_batches must be >= 1, got {batch_size}, {chunk_batches}")
+        self.shard, self.batch_size, self.chunk_batches = shard, batch_size, chunk_batches
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.pad_id, self.bos_id = pad_id, bos_id
+        self.examples = examples  # all ranks together, for the progress bar only
+        self.agree = agree or (lambda n: n)
+        self.shuffle_buffer = shuffle_buffer
+
+    def batches_per_epoch(self) -> int:
+        """An estimate (progress bar): ceil of this rank's rows over its batch size."""
+        if not self.examples:
+            return 0
+        return -(-self.examples // (self.world_size * self.batch_size))
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[Batch, int]]:
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        chunks = iter(self.shard.iter_batches(
+            batch_size=self.batch_size * self.chunk_batches, batch_format="numpy",
+            prefetch_batches=1, local_shuffle_buffer_size=self.shuffle_buffer,
+            local_shuffle_seed=None if self.shuffle_buffer is None else int(rng.integers(2**31))))
+        while True:
+            rows = next(chunks, None)
+            plan = [] if rows is None else self._plan(rows["source_len"], rng)
+            plan = plan[:self.agree(len(plan))]  # a collective: every rank, every chunk
+            if not plan:
+                return
+            for index in plan:
+                if skip > 0:
+                    skip -= 1
+                    continue
+                yield (collate_rows(rows, index, pad_id=self.pad_id, bos_id=self.bos_id),
+                       len(index) * self.world_size)
+
+    def _plan(self, lengths: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+        order = rng.permutation(len(lengths))
+        order = order[np.argsort(lengths[order], kind="stable")]
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches))]

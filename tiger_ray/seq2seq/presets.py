@@ -61,6 +61,13 @@ class Seq2SeqTrainConfig:
                 "CPU it measured slower than eager (docs/RESULTS.md); unmeasured on GPU"})
     bucket_chunk_batches: int = field(default=64, metadata={
         "help": "length bucketing: sort by length within chunks of this many batches"})
+    shuffle_buffer_batches: int = field(default=64, metadata={
+        "help": "Ray Train: local shuffle buffer of each worker's stream, in its batches; mixes "
+                "users from far apart before length bucketing (0 = off)"})
+    data_users_per_batch: int = field(default=1024, metadata={
+        "help": "Ray Train: users per Ray Data batch expanded into training examples"})
+    data_workers: int = field(default=1, metadata={
+        "help": "Ray Train: Ray Data actors building training examples while the workers train"})
     seed: int = field(default=0, metadata={"help": "random seed (init, data order, dropout)"})
     cold_start_fraction: float = field(default=0.0, metadata={
         "help": "hold this fraction of the test-target items out of training (paper Sec. 4.3: "
@@ -86,6 +93,11 @@ class Seq2SeqTrainConfig:
     def __post_init__(self):
         if self.batch_size < self.workers:
             raise ValueError(f"batch_size {self.batch_size} must be >= workers {self.workers}")
+        for name in ("data_users_per_batch", "data_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.shuffle_buffer_batches < 0:
+            raise ValueError(f"shuffle_buffer_batches must be >= 0, got {self.shuffle_buffer_batches}")
         for name in ("max_steps", "eval_every", "log_every", "val_beam_size", "val_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -1,10 +1,13 @@
 """`tiger train-seq2seq` on Ray Train: the driver (``run_train_seq2seq``) and the per-worker loop.
 
-The driver reads the run directory once (sequences, Semantic IDs), tokenises every training
-example into flat arrays and puts them in the Ray object store, so workers on any node read them
-zero-copy instead of re-reading files that may not exist there. Each worker builds the same model
-(DDP broadcasts rank 0's weights), wraps it with ``ray.train.torch.prepare_model`` and runs
-``Seq2SeqTrainer.fit`` on its shard of every batch. Checkpoints (model, optimizer, schedule,
+The driver decides what is small (tokenizer settings, cold-start items, a sample of validation
+users) and never holds the training examples: they are a Ray Dataset (``training_dataset``:
+sequences.parquet -> ``ExampleBuilder`` actors -> fixed-width example rows), streamed anew every
+epoch and split across the workers by Ray Train (equal shards). The run directory must be
+readable where Ray runs (Ray Data reads sequences.parquet, workers open the Semantic IDs). Each
+worker builds the same model (DDP broadcasts rank 0's weights), wraps it with
+``ray.train.torch.prepare_model`` and runs ``Seq2SeqTrainer.fit`` on length-bucketed batches of
+its shard. Checkpoints (model, optimizer, schedule,
 progress, history, best weights, every rank's RNG state) live under ``RUN/seq2seq/ray/train``;
 running the command again resumes from the latest one, and ``FailureConfig`` restarts crashed
 workers from it. When training stops, the driver writes
@@ -36,43 +39,120 @@ log = logging.getLogger(__name__)
 RAY_STORAGE = "ray"  # RUN/seq2seq/ray/<TRIAL_NAME>: Ray Train's checkpoints
 TRIAL_NAME = "train"
 BEST_DIR = "best"
+DATA_CPUS = 0.25  # logical CPUs of each example-building Ray Data actor
 
 
-def prepare_payload(run: RunDir, config: Seq2SeqTrainConfig) -> dict:
-    """Everything a worker needs, as numpy arrays and JSON-able dicts (no file access on workers)."""
-    from tiger_ray.data.schema import read_sequences
-    from tiger_ray.data.split import build_examples
-    from tiger_ray.semantic_ids.table import read_semantic_ids
-    from tiger_ray.seq2seq.cold_start import exclude_from_training, select_cold_items
-    from tiger_ray.seq2seq.data import tokenize_examples
+def cold_items_of(path, fraction: float, seed: int) -> np.ndarray:
+    """``select_cold_items`` over sequences.parquet at ``path``, streamed: only the distinct last
+    items (the test targets it draws from) are held, never the users."""
+    import pyarrow.compute as pc
+
+    from tiger_ray.data.schema import Sequences, iter_batches
+    from tiger_ray.seq2seq.cold_start import select_cold_items
+
+    last = []
+    for batch in iter_batches(path, ["item_ids"]):
+        items = batch.column("item_ids")
+        ends = np.cumsum(pc.list_value_length(items).to_numpy()) - 1
+        last.append(np.unique(pc.list_flatten(items).to_numpy()[ends]))
+    test_items = np.unique(np.concatenate(last)) if last else np.zeros(0, np.int64)
+    # select_cold_items reads each sequence's last item: one single-item "sequence" per item.
+    one_each = Sequences(user_ids=np.zeros(len(test_items), np.int64),
+                         offsets=np.arange(len(test_items) + 1, dtype=np.int64), flat=test_items)
+    return select_cold_items(one_each, fraction, seed)
+
+
+def count_training_examples(path) -> int:
+    """Training examples before cold-start exclusion, from the Parquet footers: a user with n
+    items has n - 3 (every prefix of the first n - 2 items but the empty one)."""
+    from tiger_ray.data.schema import count_list_values, count_rows
+
+    return count_list_values(path, "item_ids") - 3 * count_rows(path)
+
+
+def make_tokenizer(config: Seq2SeqTrainConfig, sids):
     from tiger_ray.seq2seq.tokenizer import SemanticIdTokenizer
-    from tiger_ray.seq2seq.train import validation_set
 
-    sequences = read_sequences(run.require(run.sequences, "tiger prepare"))
-    sids = read_semantic_ids(run)
-    tokenizer = SemanticIdTokenizer(sids, num_user_buckets=config.num_user_buckets,
-                                    use_user_token=config.use_user_token,
-                                    max_history=config.max_history)
-    examples = build_examples(sequences, "train", config.max_history)
+    return SemanticIdTokenizer(sids, num_user_buckets=config.num_user_buckets,
+                               use_user_token=config.use_user_token, max_history=config.max_history)
+
+
+def load_tokenizer(run_root: str, state: dict):
+    """The tokenizer of ``state`` over the run's Semantic IDs, read where the process runs (Ray
+    Data actors, Ray Train workers): the table is opened from the run directory, not shipped."""
+    from tiger_ray.semantic_ids.table import read_semantic_ids
+    from tiger_ray.seq2seq.tokenizer import SemanticIdTokenizer
+
+    return SemanticIdTokenizer.from_state(state, read_semantic_ids(RunDir(run_root)))
+
+
+def driver_payload(run: RunDir, config: Seq2SeqTrainConfig) -> dict:
+    """What the driver decides once, all of it small: the tokenizer settings, the cold-start
+    items, the validation users (a sample of ``val_users``, streamed) and the example count."""
+    from tiger_ray.semantic_ids.table import read_semantic_ids
+    from tiger_ray.seq2seq.train import sample_validation_set
+
+    path = run.require(run.sequences, "tiger prepare")
+    tokenizer = make_tokenizer(config, read_semantic_ids(run))
     cold_items = np.zeros(0, dtype=np.int64)
     if config.cold_start_fraction > 0:
         # Paper Sec. 4.3: these items never appear in training, neither as targets nor in
         # histories; the list is saved beside the model for `tiger evaluate --cold-start`.
-        cold_items = select_cold_items(sequences, config.cold_start_fraction, config.seed)
-        before = len(examples)
-        examples = exclude_from_training(examples, cold_items)
+        cold_items = cold_items_of(path, config.cold_start_fraction, config.seed)
+    valid = sample_validation_set(path, config.max_history, config.val_users, config.seed)
+    return {"cold_items": cold_items, "tokenizer": tokenizer.state(), "valid": valid.to_arrays(),
+            "train_examples": count_training_examples(path)}
+
+
+def prepare_payload(run: RunDir, config: Seq2SeqTrainConfig) -> dict:
+    """``driver_payload`` plus every training example in memory (``payload["train"]``, the
+    arrays of ``TokenizedExamples``) and the Semantic IDs: one-process training of small runs
+    (tests, notebooks). Ray Train streams the examples instead (``training_dataset``)."""
+    from tiger_ray.data.schema import read_sequences
+    from tiger_ray.semantic_ids.table import read_semantic_ids
+    from tiger_ray.seq2seq.data import examples_from_columns, training_examples
+
+    payload = driver_payload(run, config)
+    sids = read_semantic_ids(run)
+    tokenizer = load_tokenizer(str(run.root), payload["tokenizer"])
+    sequences = read_sequences(run.sequences)
+    columns = training_examples(sequences.user_ids, sequences.offsets, sequences.flat, tokenizer,
+                                payload["cold_items"])
+    if config.cold_start_fraction > 0:
         log.info("train-seq2seq: %d cold-start items held out of training (%d of %d examples "
-                 "dropped)", len(cold_items), before - len(examples), before)
-    train = tokenize_examples(examples, tokenizer)
-    valid = validation_set(sequences, config.max_history, config.val_users, config.seed)
-    return {
-        "cold_items": cold_items,
-        "semantic_ids": {"item_ids": sids.item_ids, "codes": sids.codes,
-                         "codebook_sizes": list(sids.codebook_sizes)},
-        "tokenizer": tokenizer.state(),
-        "train": train.to_arrays(),
-        "valid": valid.to_arrays(),
-    }
+                 "dropped)", len(payload["cold_items"]),
+                 payload["train_examples"] - len(columns["targets"]), payload["train_examples"])
+    return {**payload, "semantic_ids": _sids_dict(sids),
+            "train": examples_from_columns(columns).to_arrays()}
+
+
+def _sids_dict(sids) -> dict:
+    return {"item_ids": sids.item_ids, "codes": sids.codes,
+            "codebook_sizes": list(sids.codebook_sizes)}
+
+
+def training_dataset(run: RunDir, config: Seq2SeqTrainConfig, tokenizer_state: dict,
+                     cold_items: np.ndarray):
+    """The training examples as a streaming Ray Dataset: the row groups of sequences.parquet (a
+    file or parts) read and expanded into fixed-width example rows by ``ExampleBuilder`` actors.
+    It is re-executed every epoch and never gathered: Ray Train hands each worker its shard."""
+    import functools
+
+    import ray.data
+
+    from tiger_ray.seq2seq.data import ExampleBuilder, user_slices
+
+    slices = user_slices(run.require(run.sequences, "tiger prepare"))
+    # One block per row group; their order is shuffled anew every epoch (a tiny all-to-all over
+    # the work items, not the rows).
+    items = ray.data.from_items(slices, override_num_blocks=len(slices)).randomize_block_order()
+    return items.map_batches(
+        ExampleBuilder, batch_size=1,
+        fn_constructor_kwargs={"make_tokenizer": functools.partial(load_tokenizer, str(run.root),
+                                                                   tokenizer_state),
+                               "cold_items": cold_items,
+                               "users_per_batch": config.data_users_per_batch},
+        compute=ray.data.ActorPoolStrategy(size=config.data_workers), num_cpus=DATA_CPUS)
 
 
 def tokenizer_from_payload(payload: dict):
@@ -114,13 +194,14 @@ def _progress_bar_factory(enabled: bool):
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Runs on every Ray Train worker (DDP rank)."""
-    import ray
+    """Runs on every Ray Train worker (DDP rank): its batches come from its shard of the
+    "train" dataset (``ray.train.get_dataset_shard``)."""
+    import ray.train
     import ray.train.torch
     import torch
 
     from tiger_ray import distributed as dist
-    from tiger_ray.seq2seq.data import TokenizedExamples
+    from tiger_ray.seq2seq.data import StreamedBatches
     from tiger_ray.seq2seq.model import TigerSeq2Seq
     from tiger_ray.seq2seq.train import (Seq2SeqTrainer, ValidationSet, model_config,
                                          resolve_precision)
@@ -129,19 +210,31 @@ def train_loop_per_worker(loop_config: dict) -> None:
     config = from_dict(Seq2SeqTrainConfig, loop_config["config"])
     torch.set_num_threads(worker_threads(config))
     payload = loop_config["payload"]
-    if isinstance(payload, ray.ObjectRef):
-        payload = ray.get(payload)
-    tokenizer = tokenizer_from_payload(payload)
-    train_data = TokenizedExamples.from_arrays(payload["train"])
+    tokenizer = load_tokenizer(loop_config["run"], payload["tokenizer"])
     valid = ValidationSet.from_arrays(payload["valid"])
+    rank, world = dist.world_rank(), dist.world_size()
+    device = dist.torch_device()
+
+    def agree(n: int) -> int:  # the smallest count over the ranks, so all take as many steps
+        if world == 1:
+            return n
+        t = torch.tensor([n], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return int(t.item())
+
+    per_rank = max(1, config.batch_size // world)  # the global batch, split across the ranks
+    train_data = StreamedBatches(
+        ray.train.get_dataset_shard("train"), per_rank, chunk_batches=config.bucket_chunk_batches,
+        seed=config.seed, rank=rank, world_size=world, pad_id=tokenizer.pad_id,
+        bos_id=tokenizer.bos_id, examples=payload["train_examples"], agree=agree,
+        shuffle_buffer=per_rank * config.shuffle_buffer_batches or None)
 
     torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts)
     model = TigerSeq2Seq(model_config(config, tokenizer))
-    device = dist.torch_device()
     if dist.is_main():
-        log.info("seq2seq: %d parameters, %d training examples, %d validation users, "
+        log.info("seq2seq: %d parameters, about %d training examples, %d validation users, "
                  "%d workers x %d threads, device %s, precision %s", model.num_parameters(),
-                 len(train_data), len(valid), dist.world_size(), torch.get_num_threads(), device,
+                 payload["train_examples"], len(valid), world, torch.get_num_threads(), device,
                  resolve_precision(config.precision, device))
 
     def wrap(module):
@@ -150,8 +243,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             module, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
 
     trainer = Seq2SeqTrainer(config, model, tokenizer, train_data, valid, device=device,
-                             rank=dist.world_rank(), world_size=dist.world_size(), wrap=wrap,
-                             report=dist.report, progress_bar=_progress_bar_factory(loop_config.get("progress_bar", False)))
+                             rank=rank, world_size=world, wrap=wrap, report=dist.report,
+                             progress_bar=_progress_bar_factory(loop_config.get("progress_bar", False)))
     trainer.fit(dist.load_checkpoint_state())
 
 
@@ -241,17 +334,18 @@ def check_resumable(storage_dir: Path, config: Seq2SeqTrainConfig, tokenizer) ->
 
 def run_train_seq2seq(run: RunDir, config: Seq2SeqTrainConfig) -> dict:
     """Train the seq2seq model of ``run`` on Ray Train; returns the summary (also summary.json)."""
-    import ray
-
     from tiger_ray.distributed import TrainerResources, fit
     from tiger_ray.ray_env import ray_session
 
     start = time.perf_counter()
-    payload = prepare_payload(run, config)
-    tokenizer = tokenizer_from_payload(payload)
-    log.info("train-seq2seq: %d training examples, %d validation users, vocabulary %d, "
-             "%d workers%s", len(payload["train"]["targets"]), len(payload["valid"]["targets"]),
-             tokenizer.vocab_size, config.workers, " (GPU)" if config.use_gpu else "")
+    payload = driver_payload(run, config)
+    tokenizer = load_tokenizer(str(run.root), payload["tokenizer"])
+    log.info("train-seq2seq: about %d training examples (streamed by Ray Data), %d validation "
+             "users, vocabulary %d, %d workers%s", payload["train_examples"],
+             len(payload["valid"]["targets"]), tokenizer.vocab_size, config.workers,
+             " (GPU)" if config.use_gpu else "")
+    if len(payload["cold_items"]):
+        log.info("train-seq2seq: %d cold-start items held out of training", len(payload["cold_items"]))
     resume_step = check_resumable(run.seq2seq / RAY_STORAGE, config, tokenizer)
     if resume_step is not None:
         log.info("train-seq2seq: resuming from the checkpoint at step %d (--fresh to start over)",
@@ -259,11 +353,13 @@ def run_train_seq2seq(run: RunDir, config: Seq2SeqTrainConfig) -> dict:
     resources = TrainerResources(workers=config.workers, use_gpu=config.use_gpu,
                                  cpus_per_worker=config.cpus_per_worker)
     with ray_session():
-        loop_config = {"config": to_dict(config), "payload": ray.put(payload),
+        dataset = training_dataset(run, config, payload["tokenizer"], payload["cold_items"])
+        loop_config = {"config": to_dict(config), "payload": payload, "run": str(run.root),
                        "progress_bar": want_progress_bar()}
         result = fit(train_loop_per_worker, loop_config, name=TRIAL_NAME,
                      storage_dir=run.seq2seq / RAY_STORAGE, resources=resources,
-                     max_failures=config.max_failures, fresh=config.fresh)
+                     max_failures=config.max_failures, fresh=config.fresh,
+                     datasets={"train": dataset})
         if result.checkpoint is None:
             raise ValueError(f"{run.seq2seq / RAY_STORAGE}: training produced no checkpoint")
         state = _load_state(result.checkpoint)

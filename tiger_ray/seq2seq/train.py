@@ -1,6 +1,7 @@
 """The seq2seq training loop (plain PyTorch; runs the same on one process or on every DDP rank).
 
-``Seq2SeqTrainer.fit`` walks epochs of length-bucketed batches (``data.py``), takes optimizer
+``Seq2SeqTrainer.fit`` walks epochs of length-bucketed batches (``data.py``: in memory, or
+streamed from a Ray Data shard under Ray Train), takes optimizer
 steps under the inverse-square-root schedule (``schedule.py``; optionally annealed to 0 over the
 last part of the run), and every ``eval_every`` steps decodes a fixed subset of validation users
 with trie-constrained beam search, keeps the weights with the best Recall@10, checkpoints
@@ -23,6 +24,8 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 from tiger_ray.data.schema import Sequences
 from tiger_ray.data.split import build_examples
 from tiger_ray.evaluation.metrics import CatalogCoverage, MetricCollection
-from tiger_ray.seq2seq.data import TokenizedExamples, bucketed_batches, collate, shard_batch
+from tiger_ray.seq2seq.data import InMemoryBatches, StreamedBatches, TokenizedExamples
 from tiger_ray.seq2seq.model import Seq2SeqConfig, TigerSeq2Seq, unwrap
 from tiger_ray.seq2seq.presets import Seq2SeqTrainConfig
 from tiger_ray.seq2seq.schedule import cooldown_steps_within_budget, inverse_sqrt_schedule, lr_factor
@@ -154,6 +157,36 @@ def validation_set(sequences: Sequences, max_history: int, num_users: int = 0,
                          targets=ex.targets[index])
 
 
+def sample_validation_set(path, max_history: int, num_users: int = 0, seed: int = 0,
+                          batch_rows: int = 65_536) -> ValidationSet:
+    """``validation_set`` of sequences.parquet at ``path`` (a file or a directory of parts)
+    without loading every user: the sample's rows are drawn from the row count (Parquet
+    footers) exactly as ``validation_set`` draws them, then picked out of streamed batches, so
+    only the sampled users are held (all of them when ``num_users`` is 0)."""
+    from tiger_ray.data.schema import count_rows, iter_batches
+
+    total = count_rows(path)
+    chosen = np.arange(total)
+    if 0 < num_users < total:
+        chosen = np.sort(np.random.default_rng([seed, 7]).choice(total, num_users, replace=False))
+    user_ids, offsets, flat, seen = [], [np.zeros(1, np.int64)], [], 0
+    for batch in iter_batches(path, ["user_id", "item_ids"], batch_rows):
+        lo, hi = np.searchsorted(chosen, [seen, seen + batch.num_rows])
+        seen += batch.num_rows
+        if lo == hi:
+            continue
+        rows = batch.take(pa.array(chosen[lo:hi] - (seen - batch.num_rows)))
+        items = rows.column("item_ids")
+        lengths = pc.list_value_length(items).to_numpy().astype(np.int64)
+        user_ids.append(rows.column("user_id").to_numpy().astype(np.int64))
+        offsets.append(offsets[-1][-1] + np.cumsum(lengths))
+        flat.append(pc.list_flatten(items).to_numpy().astype(np.int64))
+    sample = Sequences(user_ids=np.concatenate(user_ids) if user_ids else np.zeros(0, np.int64),
+                       offsets=np.concatenate(offsets),
+                       flat=np.concatenate(flat) if flat else np.zeros(0, np.int64))
+    return validation_set(sample, max_history, 0, seed)
+
+
 # ---------------------------------------------------------------- the trainer
 
 @dataclass
@@ -184,12 +217,16 @@ class _Window:
 
 class Seq2SeqTrainer:
     def __init__(self, config: Seq2SeqTrainConfig, model: TigerSeq2Seq,
-                 tokenizer: SemanticIdTokenizer, train_data: TokenizedExamples,
+                 tokenizer: SemanticIdTokenizer,
+                 train_data: TokenizedExamples | InMemoryBatches | StreamedBatches,
                  valid: ValidationSet, *, device: torch.device | None = None, rank: int = 0,
                  world_size: int = 1, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
                  report: ReportFn | None = None, progress_bar: Callable | None = None):
-        if len(train_data) < world_size:
-            raise ValueError(f"{len(train_data)} training examples cannot feed {world_size} workers")
+        if isinstance(train_data, TokenizedExamples):
+            train_data = InMemoryBatches(train_data, config.batch_size, seed=config.seed,
+                                         chunk_batches=config.bucket_chunk_batches, rank=rank,
+                                         world_size=world_size, pad_id=tokenizer.pad_id,
+                                         bos_id=tokenizer.bos_id)
         self.config = config
         self.device = device or torch.device("cpu")
         self.precision = resolve_precision(config.precision, self.device)
@@ -198,8 +235,7 @@ class Seq2SeqTrainer:
         if config.compile:  # compiles on the first steps; validation decodes with the eager model
             self.ddp = compile_for_training(self.ddp)
         self.tokenizer = tokenizer
-        self.train_data = train_data
-        self.lengths = train_data.lengths
+        self.batches = train_data
         self.valid = valid
         self.rank, self.world_size = rank, world_size
         self.report = report or (lambda metrics, state: None)
@@ -452,29 +488,30 @@ class Seq2SeqTrainer:
         p.stop_reason = ""  # a finished run resumed with larger limits carries on
         started = time.perf_counter()
         self._fit_start_step = p.step
-        total = min(cfg.max_steps, cfg.max_epochs * len(self._epoch_batches(0)))
+        total = min(cfg.max_steps, cfg.max_epochs * self.batches.batches_per_epoch())
         if self.progress_bar is not None and self.is_main:
             self.bar = self.progress_bar(total=total, initial=p.step)
         stop = self._stop_reason()
         window = _Window()
         while not stop:
-            batches = self._epoch_batches(p.epoch)
+            batches = self.batches.epoch(p.epoch, skip=p.batch_in_epoch)
             epoch_window = _Window()
-            for batch_index in batches[p.batch_in_epoch:]:
-                t0 = time.perf_counter()
-                rows = shard_batch(batch_index, self.rank, self.world_size)
-                batch = collate(self.train_data, rows, pad_id=self.tokenizer.pad_id,
-                                bos_id=self.tokenizer.bos_id)
+            while True:
+                t0 = time.perf_counter()  # the step's time includes waiting for its batch
+                item = next(batches, None)
+                if item is None:
+                    break
+                batch, global_examples = item
                 loss = self.train_step(batch)
                 dt = time.perf_counter() - t0
                 p.step += 1
                 p.batch_in_epoch += 1
-                p.examples_seen += len(batch_index)
+                p.examples_seen += global_examples
                 p.train_seconds += dt
                 for w in (window, epoch_window):
                     w.loss_sum += loss
                     w.steps += 1
-                    w.examples += len(rows)
+                    w.examples += len(batch)
                     w.seconds += dt
                 if self.bar is not None:
                     self.bar.update(1)
@@ -491,7 +528,7 @@ class Seq2SeqTrainer:
                     self._checkpoint()
                 if stop:
                     break
-            else:  # the epoch ran to its end
+            if not stop:  # the epoch ran to its end
                 self._log_epoch(epoch_window)
                 p.epoch += 1
                 p.batch_in_epoch = 0
@@ -507,11 +544,6 @@ class Seq2SeqTrainer:
             log.info("stopped at step %d (epoch %d): %s; best val Recall@10 %.4f at step %d",
                      p.step, p.epoch, stop, p.best_metric, p.best_step)
         return self.summary()
-
-    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        return bucketed_batches(self.lengths, self.config.batch_size, seed=self.config.seed,
-                                epoch=epoch, chunk_batches=self.config.bucket_chunk_batches,
-                                min_batch_size=self.world_size)
 
     def _stop_reason(self) -> str:
         cfg, p = self.config, self.progress
