@@ -91,3 +91,9 @@ def test_streamed_training_with_sampled_softmax_and_a_sharded_ivfpq(tmp_path, ra
     assert retriever.index.directory is not None and isinstance(retriever.table, torch.Tensor)
     result = evaluate_retriever(retriever, run, "test", progress=False, write=False)
     assert result["recall@10"] > 0.25  # chance is ~0.16 on 64 items
+    refined = load_retriever(run, ivf_refine=4)  # PQ candidates re-ranked by the mmap item table
+    assert refined.index.refine_vectors is not None and refined.index.config.ivf_refine == 4
+    ids, scores = refined.index.search(refined.encode([np.array([1, 5, 9])]), 5)
+    vectors = retriever.table.numpy()[ids[0]]
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    np.testing.assert_allclose(scores[0], vectors @ refined.encode([np.array([1, 5, 9])])[0], rtol=1e-4)

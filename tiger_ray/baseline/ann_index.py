@@ -298,7 +298,7 @@ class AnnIndex:
 
 
 def exact_top_k(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int,
-                chunk: int = 1024, item_chunk: int = 16384, normalize: bool = False) -> np.ndarray:
+                chunk: int = 256, item_chunk: int = 16384, normalize: bool = False) -> np.ndarray:
     """Brute-force top-k item ids by inner product (the ground truth for ANN recall).
 
     Items are scored ``item_chunk`` rows at a time (``vectors`` may be a memmap; ``normalize``
