@@ -161,3 +161,32 @@ def test_core_trains_without_ray():
         "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_training_sample_is_seeded_and_steps_set_the_epochs():
+    from tiger_ray.semantic_ids.ray_train import sample_rows, training_plan
+
+    ids = np.arange(1, 100_001)
+    batch = {"item_id": ids, "embedding": np.stack([ids, -ids], axis=1).astype(np.float32)}
+    kept = sample_rows(batch, 0.1, seed=0)
+    assert 9_500 < len(kept["item_id"]) < 10_500
+    np.testing.assert_array_equal(kept["embedding"][:, 0], kept["item_id"])  # rows stay whole
+    # the same subset whatever the block order, another one for another seed
+    parts = [sample_rows({k: v[s] for k, v in batch.items()}, 0.1, seed=0)["item_id"]
+             for s in (slice(60_000, None), slice(0, 60_000))]
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), kept["item_id"])
+    assert len(np.intersect1d(sample_rows(batch, 0.1, seed=1)["item_id"], kept["item_id"])) < 2_000
+    config, sample = training_plan(replace(TINY, steps=100, train_sample=1000, batch_size=32), 5000)
+    assert sample == 1000 and config.epochs == 4  # 32 steps per pass over the sample
+    config, sample = training_plan(TINY, 300)
+    assert sample == 300 and config == TINY  # small catalogs: as before
+
+
+def test_unique_rate_is_measured_on_a_bounded_sample():
+    x = torch.from_numpy(clustered(n=256))
+    config = replace(TINY, unique_rate_rows=10)
+    torch.manual_seed(0)
+    trainer = RQVAETrainer(RQVAE(config, x.shape[1]), config)
+    metrics, counts = trainer.evaluate(x.split(64))
+    assert int(counts[0].sum()) == 256  # code counts still cover every row
+    assert metrics["unique_rate"] * 10 == pytest.approx(round(metrics["unique_rate"] * 10))

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 BUCKET_ROWS = 65_536  # target items per collision bucket (one map_groups call)
 ERROR_BINS = 1 << 16  # resolution of the reconstruction-error quantiles
-CHUNK = 1 << 21  # rows per driver-side streaming step
+CHUNK = 1 << 18  # rows per driver-side streaming step (bounds the driver's scratch)
 
 
 class CodeAssigner:

@@ -19,7 +19,9 @@ class RQVAEConfig:
     codebook_size: int = field(default=256, metadata={"help": "codewords per level"})
     beta: float = field(default=0.25, metadata={"help": "commitment loss weight"})
     # --- optimisation
-    epochs: int = field(default=300, metadata={"help": "passes over the catalog"})
+    epochs: int = field(default=300, metadata={"help": "passes over the training sample"})
+    steps: int = field(default=0, metadata={"help": "optimiser steps; when > 0 it sets epochs to the passes over the sample that many steps need"})
+    train_sample: int = field(default=0, metadata={"help": "items to train on, a seeded subset of the catalog (large catalogs); 0 = every item"})
     batch_size: int = field(default=1024, metadata={"help": "global batch size, split across workers"})
     optimizer: Literal["adam", "adagrad"] = field(default="adam", metadata={"help": "the paper uses adagrad with lr 0.4"})
     lr: float = field(default=1e-3, metadata={"help": "learning rate"})
@@ -28,6 +30,7 @@ class RQVAEConfig:
     # --- codebook health
     kmeans_init_size: int = field(default=8192, metadata={"help": "rows of the first batches used for the k-means codebook init"})
     kmeans_iters: int = field(default=25, metadata={"help": "Lloyd iterations of the k-means init"})
+    unique_rate_rows: int = field(default=65536, metadata={"help": "rows (over all workers) the per-epoch unique-ID rate is measured on"})
     reseed_dead_codes: bool = field(default=True, metadata={"help": "move codes no item uses onto current residuals"})
     dead_code_patience: int = field(default=1, metadata={"help": "epochs a code must stay unused before it is re-seeded"})
     # --- Ray Train
@@ -48,6 +51,8 @@ class RQVAEConfig:
             raise ValueError("RQVAEConfig: num_levels >= 1, codebook_size >= 2 and latent_dim >= 1 are required")
         if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise ValueError("RQVAEConfig: epochs, batch_size and checkpoint_every must be >= 1")
+        if self.steps < 0 or self.train_sample < 0 or self.unique_rate_rows < 1:
+            raise ValueError("RQVAEConfig: steps and train_sample must be >= 0, unique_rate_rows >= 1")
         if self.max_collision_token < 1:
             raise ValueError("RQVAEConfig: max_collision_token must be >= 1")
         self.hidden_dims = tuple(int(h) for h in self.hidden_dims)

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Iterator
+
+import numpy as np
 
 from tiger_ray import atomic, distributed
 from tiger_ray.config import from_dict
@@ -144,13 +147,54 @@ def _state(core, history: list[dict], started_at: int) -> dict:
 # ---------------------------------------------------------------- driver side
 
 
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.uint64)
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def sample_rows(batch: dict, fraction: float, seed: int) -> dict:
+    """Keep the rows whose seeded item-id hash falls below ``fraction``: the same subset on every
+    run and machine, whatever the block order (Ray Data map_batches)."""
+    ids = np.asarray(batch["item_id"], dtype=np.int64)
+    h = _splitmix(ids * 1_000_003 + seed) >> np.uint64(11)  # 53 bits, exact in a float64
+    keep = h.astype(np.float64) < fraction * 2.0**53
+    return {key: value[keep] for key, value in batch.items()}
+
+
+def training_plan(config: RQVAEConfig, num_items: int) -> tuple[RQVAEConfig, int]:
+    """(config with ``epochs`` set from ``steps`` if given, expected sample size)."""
+    sample = min(config.train_sample or num_items, num_items)
+    if config.steps:
+        per_epoch = max(1, math.ceil(sample / config.batch_size))
+        config = replace(config, epochs=max(1, math.ceil(config.steps / per_epoch)))
+    return config, sample
+
+
+def training_dataset(run: RunDir, config: RQVAEConfig, num_items: int):
+    """The embeddings, or the seeded ``train_sample`` subset of them."""
+    from tiger_ray.embedding.store import read_embeddings_dataset
+
+    ds = read_embeddings_dataset(run)
+    if config.train_sample and config.train_sample < num_items:
+        ds = ds.map_batches(sample_rows, fn_kwargs={"fraction": config.train_sample / num_items,
+                                                    "seed": config.seed}, batch_format="numpy")
+    return ds
+
+
 def train_rqvae(run: RunDir, config: RQVAEConfig) -> dict:
     """Fit on Ray Train; returns the final checkpoint state (model, optimizer, epoch, history)."""
-    from tiger_ray.embedding.store import MANIFEST, Manifest, read_embeddings_dataset
+    from tiger_ray.embedding.store import MANIFEST, Manifest
 
     manifest = Manifest.read(run.require(run.embeddings / MANIFEST, "tiger embed").parent)
     if manifest.count < 1:
         raise ValueError(f"{run.embeddings / MANIFEST}: no embeddings to train on")
+    config, sample = training_plan(config, manifest.count)
+    if sample < manifest.count:
+        log.info("training on a seeded sample of ~%d of %d items, %d epochs", sample, manifest.count, config.epochs)
     if not config.fresh:
         _check_previous_run(run, config, manifest.dim)
     resources = distributed.TrainerResources(workers=config.workers, use_gpu=config.use_gpu,
@@ -158,7 +202,7 @@ def train_rqvae(run: RunDir, config: RQVAEConfig) -> dict:
     result = distributed.fit(
         train_loop, {"config": asdict(config), "input_dim": manifest.dim}, name=TRAIN_NAME,
         storage_dir=run.semantic_ids / "train", resources=resources, max_failures=config.max_failures,
-        datasets={"train": read_embeddings_dataset(run)}, fresh=config.fresh)
+        datasets={"train": training_dataset(run, config, manifest.count)}, fresh=config.fresh)
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:
@@ -221,6 +265,7 @@ def run_train_rqvae(run: RunDir, config: RQVAEConfig) -> dict:
     run.semantic_ids.mkdir(parents=True, exist_ok=True)
     with ray_session():
         start = time.perf_counter()
+        config, _ = training_plan(config, manifest.count)
         state = train_rqvae(run, config)
         train_seconds = time.perf_counter() - start
         export_model(run, config, state, manifest.dim)

@@ -231,7 +231,7 @@ def infer_codebook_sizes(codes: np.ndarray) -> tuple[int, ...]:
     return (size,) * (codes.shape[1] - 1) + (int(codes[:, -1].max(initial=0)) + 1,)
 
 
-def export_parquet(path: Path, semantic_ids: SemanticIds, chunk: int = 1 << 20) -> None:
+def export_parquet(path: Path, semantic_ids: SemanticIds, chunk: int = 1 << 18) -> None:
     """semantic_ids.parquet (item_id, c0..c3 as int64), written in chunks from the table."""
     schema = pa.schema([("item_id", pa.int64()), *[(c, pa.int64()) for c in CODE_COLUMNS]])
     with atomic.atomic_path(path) as tmp:

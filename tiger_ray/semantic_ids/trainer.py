@@ -1,7 +1,8 @@
 """The RQ-VAE training loop in plain PyTorch, shared by local fits and Ray Train workers.
 
 One epoch = a training pass over the batches, an evaluation pass over the whole shard (codebook
-usage, perplexity, unique-ID rate and reconstruction error of the model as it stands), then
+usage and perplexity from per-batch code counts, reconstruction error, and the unique-ID rate on
+the first ``unique_rate_rows`` rows, so no catalog-wide unique runs), then
 codebook maintenance: codes no item used for ``dead_code_patience`` epochs are re-seeded.
 
 Under DDP (``torch.distributed`` initialised, as Ray Train does) each rank holds one shard of the
@@ -167,14 +168,17 @@ class RQVAETrainer:
         levels, size = self.config.num_levels, self.config.codebook_size
         counts = torch.zeros(levels, size, dtype=torch.long, device=self.device)
         err_sum = torch.zeros(2, dtype=torch.float64, device=self.device)  # squared error, rows
-        keys = []
+        keys, kept = [], 0
+        key_budget = max(1, self.config.unique_rate_rows // world_size())
         for x in batches:
             x = x.to(self.device, torch.float32, non_blocking=True)
             codes, err = self.model.encode(x)
             for level in range(levels):
                 counts[level] += torch.bincount(codes[:, level], minlength=size)
             err_sum += torch.stack([err.double().sum(), err.new_tensor(len(err), dtype=torch.float64)])
-            keys.append(prefix_keys(codes, size))
+            if kept < key_budget:  # the unique-ID rate on a bounded sample: no catalog-wide unique
+                keys.append(prefix_keys(codes[:key_budget - kept], size))
+                kept += len(keys[-1])
         all_reduce_sum_(counts)
         all_reduce_sum_(err_sum)
         local_keys = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.long, device=self.device)
