@@ -202,3 +202,22 @@ def test_training_dataset_streams_the_reference_examples(ray_local, synthetic_ru
     got = [b for b in ds.iter_batches(batch_format="numpy", batch_size=None)]
     got = {k: np.concatenate([b[k] for b in got]) for k in got[0]}
     np.testing.assert_array_equal(sorted_rows(got), sorted_rows(want))
+
+
+def test_a_one_row_group_file_is_cut_into_slices_that_read_every_user_once(tmp_path):
+    """Beauty is one row group: it must still become many work items (shuffled every epoch)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tiger_ray.evaluation.retrieval import read_slices, row_group_slices
+
+    path = tmp_path / "sequences.parquet"
+    pq.write_table(pa.table({"user_id": np.arange(1, 1001), "item_ids": [[1, 2, 3]] * 1000}), path)
+    slices = row_group_slices(path, min_items=4)
+    assert [s["rows"] for s in slices] == [250] * 4 and [s["offset"] for s in slices] == [0, 250, 500, 750]
+    columns = {key: np.array([s[key] for s in slices], dtype=object) for key in slices[0]}
+    users = np.concatenate([b.column("user_id").to_numpy()
+                            for b in read_slices(columns, ["user_id"], batch_rows=64)])
+    assert np.array_equal(users, np.arange(1, 1001))
+    # Slices never get smaller than min_rows (256), however many items are asked for.
+    assert len(row_group_slices(path, min_items=1000)) == 4

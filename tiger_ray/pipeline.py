@@ -56,7 +56,7 @@ STAGES: tuple[Stage, ...] = (
           "tiger_ray.embedding.ray_embed:run_embed", lambda r: r.embeddings / "manifest.json"),
     Stage("train-rqvae", "tiger_ray.semantic_ids.config:RQVAEConfig",
           "tiger_ray.semantic_ids.config:PRESETS", "tiger_ray.semantic_ids.ray_train:run_train_rqvae",
-          lambda r: r.semantic_ids / "semantic_ids.parquet"),
+          lambda r: r.semantic_ids / "semantic_ids.json"),
     Stage("train-seq2seq", "tiger_ray.seq2seq.presets:Seq2SeqTrainConfig",
           "tiger_ray.seq2seq.presets:PRESETS", "tiger_ray.seq2seq.ray_train:run_train_seq2seq",
           lambda r: r.seq2seq / "summary.json"),

@@ -188,24 +188,38 @@ class EvaluationSums:
 
 # ---------------------------------------------------------------- the loop
 
-def row_group_slices(path, limit: int | None = None) -> list[dict]:
-    """Work items for Ray Data: one per row group of a table (a file or parts), in file order,
-    with how many of its rows to read (``limit`` counts from the first row), from the footers.
+def row_group_slices(path, limit: int | None = None, min_items: int = 1,
+                     min_rows: int = 256) -> list[dict]:
+    """Work items for Ray Data: row groups of a table (a file or parts), in file order, each with
+    the first row and how many rows to read (``limit`` counts from the first row), from the footers.
+
+    A row group is cut into equal slices when that is needed to make at least ``min_items`` items
+    (never below ``min_rows`` rows each): a one-file table (Beauty: one row group) still becomes
+    many work items, so their order can be shuffled every epoch; a large table's many row groups
+    are left whole, so nothing is decoded twice.
 
     Actors read their row groups themselves instead of through ``ray.data.read_parquet``, whose
     file-listing task asks for a whole CPU: on 2 cores that CPU is never free beside training
     workers or evaluation actors, and the pipeline would wait forever."""
     from tiger_ray.data.schema import open_dataset
 
-    slices, left = [], limit
+    groups, left = [], limit
     for fragment in open_dataset(path).get_fragments():
         meta = fragment.metadata
         for g in range(meta.num_row_groups):
             rows = meta.row_group(g).num_rows if left is None else min(left, meta.row_group(g).num_rows)
             if rows > 0:
-                slices.append({"path": fragment.path, "row_group": g, "rows": rows})
+                groups.append((fragment.path, g, rows))
             if left is not None:
                 left -= rows
+    total = sum(rows for _, _, rows in groups)
+    slice_rows = max(min_rows, -(-total // max(min_items, 1)))
+    slices = []
+    for path_, g, rows in groups:
+        pieces = max(1, -(-rows // slice_rows)) if len(groups) < min_items else 1
+        size = -(-rows // pieces)
+        for start in range(0, rows, size):
+            slices.append({"path": path_, "row_group": g, "offset": start, "rows": min(size, rows - start)})
     return slices
 
 
@@ -213,14 +227,18 @@ def read_slices(slices: dict[str, np.ndarray], columns: list[str], batch_rows: i
     """The record batches of ``row_group_slices`` items (a Ray Data batch of them)."""
     import pyarrow.parquet as pq
 
-    for path, group, rows in zip(slices["path"], slices["row_group"], slices["rows"]):
+    offsets = slices.get("offset", np.zeros(len(slices["rows"]), dtype=np.int64))
+    for path, group, first, rows in zip(slices["path"], slices["row_group"], offsets, slices["rows"]):
         part = pq.ParquetFile(str(path))  # one Parquet file (a part), not the table
-        left = int(rows)
+        skip, left = int(first), int(rows)
         for batch in part.iter_batches(batch_size=batch_rows, row_groups=[int(group)], columns=columns):
             if left <= 0:
                 break
-            batch = batch.slice(0, left)
-            left -= batch.num_rows
+            if skip >= batch.num_rows:
+                skip -= batch.num_rows
+                continue
+            batch = batch.slice(skip, left)
+            skip, left = 0, left - batch.num_rows
             yield batch
 
 

@@ -170,12 +170,17 @@ def examples_from_columns(columns: dict[str, np.ndarray]) -> TokenizedExamples:
                              user_ids=np.asarray(columns["user_id"], dtype=np.int64))
 
 
+# Work items an epoch is cut into at least: their order is shuffled every epoch, so even a
+# one-row-group file (Beauty) reaches the trainers in a new order each epoch.
+MIN_WORK_ITEMS = 64
+
+
 def user_slices(path) -> list[dict]:
-    """One work item per row group of sequences.parquet (a file or parts), from the footers:
-    what ``ExampleBuilder`` reads."""
+    """Work items over sequences.parquet (a file or parts), from the footers: row groups, cut into
+    slices when there are fewer than ``MIN_WORK_ITEMS``; what ``ExampleBuilder`` reads."""
     from tiger_ray.evaluation.retrieval import row_group_slices
 
-    return row_group_slices(path)
+    return row_group_slices(path, min_items=MIN_WORK_ITEMS)
 
 
 class ExampleBuilder:

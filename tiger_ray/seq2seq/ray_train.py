@@ -143,7 +143,7 @@ def training_dataset(run: RunDir, config: Seq2SeqTrainConfig, tokenizer_state: d
     from tiger_ray.seq2seq.data import ExampleBuilder, user_slices
 
     slices = user_slices(run.require(run.sequences, "tiger prepare"))
-    # One block per row group; their order is shuffled anew every epoch (a tiny all-to-all over
+    # One block per work item; their order is shuffled anew every epoch (a tiny all-to-all over
     # the work items, not the rows).
     items = ray.data.from_items(slices, override_num_blocks=len(slices)).randomize_block_order()
     return items.map_batches(
