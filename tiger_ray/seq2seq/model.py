@@ -287,14 +287,19 @@ def save_model(directory: str | Path, model: nn.Module, config: Seq2SeqConfig,
                tokenizer: SemanticIdTokenizer, extra: dict | None = None,
                cold_items: np.ndarray | None = None) -> Path:
     """Write a self-contained model directory; config.json goes last, so it marks completeness.
-    ``cold_items``: items held out of training for the cold-start evaluation (see cold_start.py)."""
-    import pyarrow as pa
-
+    The Semantic-ID table goes with the weights as codes.npy + its sorted-key index (12 B/item,
+    memory-mapped by every process that loads the model). ``cold_items``: items held out of
+    training for the cold-start evaluation (see cold_start.py)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sids = tokenizer.semantic_ids
-    atomic.write_parquet(directory / SEMANTIC_IDS_FILE, pa.table(
-        {"item_id": sids.item_ids, **{c: sids.codes[:, j] for j, c in enumerate(CODE_COLUMNS)}}))
+    if sids.dense:
+        sids.save(directory)
+    else:  # a table over sparse item ids (tests, hand-made tables): the Parquet form
+        import pyarrow as pa
+
+        atomic.write_parquet(directory / SEMANTIC_IDS_FILE, pa.table(
+            {"item_id": sids.item_ids, **{c: sids.codes[:, j] for j, c in enumerate(CODE_COLUMNS)}}))
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     with atomic.atomic_path(directory / MODEL_FILE) as tmp:
         torch.save(state, tmp)
@@ -310,27 +315,33 @@ def save_model(directory: str | Path, model: nn.Module, config: Seq2SeqConfig,
     return directory
 
 
+def _load_semantic_ids(directory: Path, codebook_sizes: tuple[int, ...]) -> SemanticIds:
+    """The model's Semantic-ID table: memory-mapped codes.npy, or the Parquet of older models."""
+    from tiger_ray.semantic_ids.table import META_FILE, read_parquet_table
+
+    if (directory / META_FILE).exists():
+        return SemanticIds.open(directory, codebook_size=codebook_sizes[0])
+    if (directory / SEMANTIC_IDS_FILE).exists():
+        legacy = read_parquet_table(directory / SEMANTIC_IDS_FILE, codebook_sizes[0])
+        return SemanticIds(item_ids=legacy.item_ids, codes=legacy.codes, codebook_sizes=codebook_sizes)
+    raise FileNotFoundError(f"{directory / META_FILE} does not exist; run `tiger train-seq2seq` to "
+                            f"produce a model directory")
+
+
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu"
                ) -> tuple[TigerSeq2Seq, SemanticIdTokenizer]:
     """Inverse of ``save_model``: (model in eval mode, tokenizer); config is ``model.config``."""
-    import pyarrow.parquet as pq
-
     from tiger_ray.config import from_dict
 
     directory = Path(directory)
-    for name in (CONFIG_FILE, MODEL_FILE, SEMANTIC_IDS_FILE):
+    for name in (CONFIG_FILE, MODEL_FILE):
         if not (directory / name).exists():
             raise FileNotFoundError(f"{directory / name} does not exist; "
                                     f"run `tiger train-seq2seq` to produce a model directory")
     saved = atomic.read_json(directory / CONFIG_FILE)
     config = from_dict(Seq2SeqConfig, saved["model"])
-    table = pq.read_table(directory / SEMANTIC_IDS_FILE)
     tok_state = saved["tokenizer"]
-    sids = SemanticIds(
-        item_ids=table.column("item_id").to_numpy().astype(np.int64),
-        codes=np.stack([table.column(c).to_numpy() for c in CODE_COLUMNS], axis=1).astype(np.int64),
-        codebook_sizes=tuple(tok_state["codebook_sizes"]),
-    )
+    sids = _load_semantic_ids(directory, tuple(int(s) for s in tok_state["codebook_sizes"]))
     tokenizer = SemanticIdTokenizer.from_state(tok_state, sids)
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"{directory / CONFIG_FILE}: tokenizer vocabulary {tokenizer.vocab_size} != "

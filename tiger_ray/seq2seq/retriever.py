@@ -20,7 +20,7 @@ from tiger_ray.seq2seq.model import TigerSeq2Seq, load_model
 from tiger_ray.seq2seq.tokenizer import SemanticIdTokenizer
 from tiger_ray.seq2seq.trie import SemanticIdTrie
 
-BEST_DIR = ("seq2seq", "best")  # RUN/seq2seq/best/{model.pt,config.json,semantic_ids.parquet}
+BEST_DIR = ("seq2seq", "best")  # RUN/seq2seq/best/{model.pt,config.json,codes.npy,index_*.npy,...}
 
 
 class TigerRetriever:

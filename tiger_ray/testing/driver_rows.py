@@ -7,7 +7,11 @@ up the rows they return, so a test can assert that the driver saw O(sample) rows
 
     with DriverRowCounter() as rows:
         run_stage(...)
-    assert rows.total < 5_000, rows.by_call
+    assert rows.held < 5_000, rows.by_call
+
+Rows are counted in two kinds: ``held`` rows arrive all at once (a table read whole, ``take_all``,
+a full ``np.load``, a ``ray.get`` result), so the driver's memory grows with them; ``streamed``
+rows pass through in bounded batches (``iter_batches``), costing time in the driver but not memory.
 
 It only counts calls made in this process (Ray workers are other processes and are not patched),
 which is exactly the driver's share.
@@ -47,11 +51,20 @@ class DriverRowCounter:
 
     def __init__(self):
         self.by_call: Counter[str] = Counter()
+        self._streaming: set[str] = set()
         self._undo: list[tuple[object, str, object]] = []
 
     @property
     def total(self) -> int:
         return sum(self.by_call.values())
+
+    @property
+    def streamed(self) -> int:
+        return sum(n for label, n in self.by_call.items() if label in self._streaming)
+
+    @property
+    def held(self) -> int:
+        return self.total - self.streamed
 
     def _count(self, label: str, value) -> None:
         if label == "numpy.load" and type(value).__name__ == "memmap":
@@ -67,6 +80,7 @@ class DriverRowCounter:
         return counted
 
     def _iterating(self, original, label: str):
+        self._streaming.add(label)
         @functools.wraps(original)
         def counted(*args, **kwargs):
             for value in original(*args, **kwargs):
