@@ -1,11 +1,15 @@
 """The run directory: one folder holds every artefact of a pipeline run, stage by stage.
 
-    RUN/items.parquet, sequences.parquet, stats.json    tiger prepare
-    RUN/embeddings/part-*.parquet, manifest.json         tiger embed
-    RUN/semantic_ids/semantic_ids.parquet, report.json   tiger train-rqvae
+    RUN/items.parquet, sequences.parquet, stats.json    tiger prepare (or tiger synth); each
+                                                         table one file or a directory of parts
+    RUN/embeddings/part-*.parquet, manifest.json         tiger embed (vectors.npy: mmap, on demand)
+    RUN/semantic_ids/codes.npy, index_*.npy,             tiger train-rqvae (memory-mapped table
+        semantic_ids.json, report.json                   and decoding index; .parquet an export)
     RUN/seq2seq/                                         tiger train-seq2seq
     RUN/baseline/                                        tiger train-baseline
-    RUN/eval/<model>/<split>/metrics.json, predictions.parquet   tiger evaluate
+    RUN/eval/<model>/<split>/metrics.json, predictions.parquet   tiger evaluate (parquet: a file
+                                                         or, with --workers, parts)
+    RUN/serving/catalog/                                 tiger serve (mmapped item lookup)
     RUN/compare/                                         tiger compare
 """
 

@@ -48,6 +48,9 @@ class BaselineConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
     epochs: int = field(default=20, metadata={"help": "maximum epochs"})
+    steps_per_epoch: int = field(default=0, metadata={
+        "help": "end an epoch (validate, checkpoint) after this many steps; bounds "
+                "the time between validations on huge catalogs (0 = a full pass)"})
     patience: int = field(default=3, metadata={"help": "stop after this many epochs without a better "
                                                        "validation recall@10"})
     eval_batch_size: int = field(default=1024, metadata={"help": "queries per validation batch"})

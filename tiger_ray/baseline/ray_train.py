@@ -150,6 +150,8 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: 
         optimizer.step()
         total += float(loss.detach())
         steps += 1
+        if steps == config.steps_per_epoch:  # every rank stops at the same step (equal shares)
+            break
     return total / max(steps, 1)
 
 
@@ -220,6 +222,8 @@ def train_epoch_stream(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         optimizer.step()
         total += float(loss.detach())
         steps += 1
+        if steps == config.steps_per_epoch:  # every rank stops at the same step (equal shares)
+            break
     return total / max(steps, 1)
 
 
