@@ -33,7 +33,7 @@ TIGER = [sys.executable, "-m", "tiger_ray.cli"]
 
 
 def stage_commands(run: Path, n_items: int, n_users: int, dim: int, steps: int,
-                   eval_users: int) -> list[tuple[str, list[str]]]:
+                   eval_users: int, rqvae_steps: int) -> list[tuple[str, list[str]]]:
     """The pipeline at scale: step-bounded trainings, evaluation on a user sample."""
     r = ["--run", str(run)]
     return [
@@ -42,7 +42,7 @@ def stage_commands(run: Path, n_items: int, n_users: int, dim: int, steps: int,
         # The paper's RQ-VAE trained on a fixed-size sample for a fixed number of steps; every
         # item is then assigned by the Ray Data pass.
         ("train-rqvae", [*TIGER, "train-rqvae", *r, "--preset", "cpu", "--train-sample", "65536",
-                         "--steps", "1500"]),
+                         "--steps", str(rqvae_steps)]),
         ("train-seq2seq", [*TIGER, "train-seq2seq", *r, "--preset", "cpu", "--max-steps", str(steps),
                            "--eval-every", str(steps), "--val-users", "500"]),
         ("evaluate-tiger", [*TIGER, "evaluate", *r, "--model", "tiger", "--split", "test",
@@ -110,12 +110,10 @@ def artifact_bytes(run: Path, n_items: int) -> dict[str, float]:
     index = run / "baseline" / "index-ivfpq"
     if index.is_dir():
         out["baseline/index-ivfpq"] = sum(p.stat().st_size for p in index.rglob("*") if p.is_file()) / n_items
-    for name in ("semantic_ids",):  # the decoding index, file by file: the <= 16 B/item goal
-        folder = run / name
-        if folder.is_dir():
-            for p in sorted(folder.rglob("*")):
-                if p.is_file():
-                    out[f"{name}/{p.relative_to(folder)}"] = p.stat().st_size / n_items
+    for name in ("codes.npy", "index_keys.npy", "index_items.npy"):  # the <= 16 B/item goal
+        path = run / "semantic_ids" / name
+        if path.exists():
+            out[f"semantic_ids/{name}"] = path.stat().st_size / n_items
     return out
 
 
@@ -129,7 +127,8 @@ def measure(n_items: int, args) -> dict:
         shutil.rmtree(run)
     n_users = max(1000, int(n_items * args.users_per_item))
     stages = []
-    for name, command in stage_commands(run, n_items, n_users, args.dim, args.steps, args.eval_users):
+    for name, command in stage_commands(run, n_items, n_users, args.dim, args.steps, args.eval_users,
+                                        args.rqvae_steps):
         print(f"[N={n_items:,}] {name}: {' '.join(command)}", flush=True)
         stages.append(run_measured(name, command, logs / f"{name}.log"))
         s = stages[-1]
@@ -185,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated catalog sizes; the first is the reference")
     parser.add_argument("--users-per-item", type=float, default=0.5)
     parser.add_argument("--dim", type=int, default=64, help="synthetic embedding dimension")
-    parser.add_argument("--steps", type=int, default=300, help="seq2seq training steps")
+    parser.add_argument("--steps", type=int, default=200,
+                        help="seq2seq and dual-encoder training steps")
+    parser.add_argument("--rqvae-steps", type=int, default=600, help="RQ-VAE training steps")
     parser.add_argument("--eval-users", type=int, default=2000)
     parser.add_argument("--out", default="runs/scale")
     parser.add_argument("--json", default=None, help="write all figures here")

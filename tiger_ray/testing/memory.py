@@ -85,8 +85,14 @@ class PeakMemory:
                 continue
             self.peaks[pid] = max(self.peaks.get(pid, 0), hwm * 1024)
             label = _label(pid)
-            if label != "?" and (pid not in self.labels or self.labels[pid].startswith("python")):
-                self.labels[pid] = label  # Ray renames a worker once it runs a task
+            # Ray renames a worker for the task or actor it runs (and back to ray::IDLE after a
+            # task): keep the most specific name seen.
+            generic = ("?", "ray::IDLE")
+            if label not in generic and (pid not in self.labels or self.labels[pid] in generic
+                                         or self.labels[pid].startswith("python")):
+                self.labels[pid] = label
+            elif pid not in self.labels:
+                self.labels[pid] = label
 
     def by_label(self) -> dict[str, int]:
         """The largest peak among processes with the same label."""
