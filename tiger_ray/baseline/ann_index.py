@@ -25,11 +25,10 @@ from typing import Literal
 import numpy as np
 
 from tiger_ray import atomic
+from tiger_ray.baseline.index_files import INDEX_FILE, META_FILE  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "index.faiss"
-META_FILE = "index.json"
 IndexType = Literal["flat", "hnsw", "ivfpq"]
 INDEX_TYPES: tuple[str, ...] = ("flat", "hnsw", "ivfpq")
 # Below this many queries an OpenMP team costs more than it saves: a single query searched with

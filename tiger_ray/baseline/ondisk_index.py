@@ -92,7 +92,7 @@ def build_ondisk_ivfpq(vectors_path: str | os.PathLike, directory: str | os.Path
     import ray
     from faiss.contrib.ondisk import merge_ondisk
 
-    from tiger_ray.baseline.ann_index import META_FILE, INDEX_FILE
+    from tiger_ray.baseline.index_files import INDEX_FILE, META_FILE
     from tiger_ray.ray_env import init_ray
 
     vectors = np.load(vectors_path, mmap_mode="r")
@@ -134,6 +134,6 @@ def read_ondisk(directory: str | os.PathLike):
     """The merged index with its inverted lists left in lists.ivfdata (mapped, not loaded)."""
     import faiss
 
-    from tiger_ray.baseline.ann_index import INDEX_FILE
+    from tiger_ray.baseline.index_files import INDEX_FILE
 
     return faiss.read_index(str(Path(directory) / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
