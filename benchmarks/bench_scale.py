@@ -121,14 +121,15 @@ def measure(n_items: int, args) -> dict:
     run = Path(args.out) / f"n{n_items}"
     logs = Path(args.out) / "logs" / f"n{n_items}"
     logs.mkdir(parents=True, exist_ok=True)
-    if run.exists() and not args.keep:
+    if run.exists() and not (args.keep or args.measure_only):
         import shutil
 
         shutil.rmtree(run)
     n_users = max(1000, int(n_items * args.users_per_item))
     stages = []
-    for name, command in stage_commands(run, n_items, n_users, args.dim, args.steps, args.eval_users,
-                                        args.rqvae_steps):
+    commands = [] if args.measure_only else stage_commands(
+        run, n_items, n_users, args.dim, args.steps, args.eval_users, args.rqvae_steps)
+    for name, command in commands:
         print(f"[N={n_items:,}] {name}: {' '.join(command)}", flush=True)
         stages.append(run_measured(name, command, logs / f"{name}.log"))
         s = stages[-1]
@@ -144,12 +145,16 @@ def measure(n_items: int, args) -> dict:
         if path.exists():
             metrics[model] = json.loads(path.read_text())
     baseline_summary = run / "baseline" / "summary.json"
-    return {"items": n_items, "users": n_users, "dim": args.dim, "stages": stages,
+    result = {"items": n_items, "users": n_users, "dim": args.dim, "stages": stages,
             "bytes_per_item": artifact_bytes(run, n_items),
             "decode": json.loads(decode.stdout.strip().splitlines()[-1]),
             "metrics": metrics,
             "ann_index": (json.loads(baseline_summary.read_text()).get("index")
                           if baseline_summary.exists() else None)}
+    from tiger_ray import atomic
+
+    atomic.write_json(Path(args.out) / f"n{n_items}.json", result)  # each N as soon as it is done
+    return result
 
 
 def summarize(results: list[dict], rss_limit: float) -> list[str]:
@@ -166,7 +171,7 @@ def summarize(results: list[dict], rss_limit: float) -> list[str]:
               "|---|---|---|---|---|---|---|---|"]
     for r in results:
         sid = sum(v for k, v in r["bytes_per_item"].items() if k.startswith("semantic_ids/"))
-        worst = max(s["max_process_rss_bytes"] for s in r["stages"]) / 2**30
+        worst = max((s["max_process_rss_bytes"] for s in r["stages"]), default=0) / 2**30
         flag = "" if worst <= rss_limit else " (over limit)"
         index = r.get("ann_index") or {}
         recall = next((v for k, v in index.items() if k.startswith("ann_recall@")), float("nan"))
@@ -191,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/scale")
     parser.add_argument("--json", default=None, help="write all figures here")
     parser.add_argument("--keep", action="store_true", help="reuse existing run directories")
+    parser.add_argument("--measure-only", action="store_true",
+                        help="run no stage: decode latency, bytes/item and metrics of existing runs")
     parser.add_argument("--rss-limit-gib", type=float, default=4.0)
     args = parser.parse_args(argv)
     sizes = [int(float(s)) for s in args.items.split(",")]
@@ -201,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         from tiger_ray import atomic
 
         atomic.write_json(args.json, {"results": results, "argv": sys.argv})
-    worst = max(s["max_process_rss_bytes"] for r in results for s in r["stages"]) / 2**30
+    worst = max((s["max_process_rss_bytes"] for r in results for s in r["stages"]), default=0) / 2**30
     return 0 if worst <= args.rss_limit_gib else 1
 
 
