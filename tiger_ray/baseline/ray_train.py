@@ -127,22 +127,14 @@ def resolve(config: BaselineConfig, num_items: int) -> BaselineConfig:
 
 # ---------------------------------------------------------------- one epoch, one evaluation
 
-def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: TrainingData,
-                rows: np.ndarray, config: BaselineConfig, log_q: torch.Tensor | None,
-                device: torch.device, progress: bool = True, desc: str = "train") -> float:
-    """One pass over ``rows`` of the training windows; returns the mean loss per step."""
-    from tqdm.auto import tqdm
-
+def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, config: BaselineConfig,
+                loss_name: str, log_q: torch.Tensor | None) -> float:
+    """The optimiser steps over ``batches`` of (history, users, targets) tensors, at most
+    ``steps_per_epoch`` of them; returns the mean loss per step. Both data paths train through it."""
     model.train()
     total, steps = 0.0, 0
-    batches = range(0, len(rows), config.batch_size)
-    for lo in tqdm(batches, desc=desc, unit="batch", disable=not progress, mininterval=10.0):
-        idx = rows[lo: lo + config.batch_size]
-        history = torch.from_numpy(data.history[idx]).to(device)
-        users = torch.from_numpy(data.users[idx]).to(device)
-        targets = torch.from_numpy(data.targets[idx]).to(device)
-        loss = model(history, users, targets, loss=resolve(config, data.num_items).loss,
-                     log_q=log_q if config.log_q else None)
+    for history, users, targets in batches:
+        loss = model(history, users, targets, loss=loss_name, log_q=log_q if config.log_q else None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
@@ -153,6 +145,22 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: 
         if steps == config.steps_per_epoch:  # every rank stops at the same step (equal shares)
             break
     return total / max(steps, 1)
+
+
+def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: TrainingData,
+                rows: np.ndarray, config: BaselineConfig, log_q: torch.Tensor | None,
+                device: torch.device, progress: bool = True, desc: str = "train") -> float:
+    """One pass over ``rows`` of the training windows; returns the mean loss per step."""
+    from tqdm.auto import tqdm
+
+    def batches():
+        starts = range(0, len(rows), config.batch_size)
+        for lo in tqdm(starts, desc=desc, unit="batch", disable=not progress, mininterval=10.0):
+            idx = rows[lo: lo + config.batch_size]
+            yield (torch.from_numpy(data.history[idx]).to(device), torch.from_numpy(data.users[idx]).to(device),
+                   torch.from_numpy(data.targets[idx]).to(device))
+
+    return train_steps(model, optimizer, batches(), config, resolve(config, data.num_items).loss, log_q)
 
 
 @torch.no_grad()
@@ -208,23 +216,10 @@ def train_epoch_stream(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                        epoch: int) -> float:
     """One pass over this rank's share of the streamed windows (equal shares: Ray Train splits
     with equal=True, so every rank takes the same number of steps)."""
-    model.train()
-    total, steps = 0.0, 0
-    for batch in shard.iter_torch_batches(batch_size=config.batch_size, dtypes=torch.int64, device=device,
-                                          local_shuffle_buffer_size=8 * config.batch_size,
-                                          local_shuffle_seed=config.seed * 100_003 + epoch):
-        loss = model(batch["history"], None, batch["targets"], loss=config.loss,
-                     log_q=log_q if config.log_q else None)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        total += float(loss.detach())
-        steps += 1
-        if steps == config.steps_per_epoch:  # every rank stops at the same step (equal shares)
-            break
-    return total / max(steps, 1)
+    batches = ((b["history"], None, b["targets"]) for b in shard.iter_torch_batches(
+        batch_size=config.batch_size, dtypes=torch.int64, device=device,
+        local_shuffle_buffer_size=8 * config.batch_size, local_shuffle_seed=config.seed * 100_003 + epoch))
+    return train_steps(model, optimizer, batches, config, config.loss, log_q)
 
 
 def train_local(run: RunDir, config: BaselineConfig, export: bool = True,

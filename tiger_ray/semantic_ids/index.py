@@ -28,6 +28,16 @@ KEYS_FILE, ITEMS_FILE, META_FILE = "index_keys.npy", "index_items.npy", "index.j
 FORMAT = "tiger-semantic-id-index/1"
 
 
+def read_format_json(path: Path, fmt: str) -> dict:
+    """A saved table's or index's JSON, checked to be of format ``fmt``."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run `tiger train-rqvae`")
+    meta = atomic.read_json(path)
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise ValueError(f"{path}: not a {fmt} file")
+    return meta
+
+
 def key_layout(radix: Sequence[int]) -> tuple[np.dtype, int]:
     """(stored dtype, offset subtracted before storing) for keys of this radix."""
     total = math.prod(int(r) for r in radix)
@@ -148,11 +158,7 @@ class SemanticIdIndex:
         """Memory-map a saved index (read-only; the pages are shared by every process)."""
         directory = Path(directory)
         meta_path = directory / META_FILE
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{meta_path} does not exist; run `tiger train-rqvae`")
-        meta = atomic.read_json(meta_path)
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: not a {FORMAT} file")
+        meta = read_format_json(meta_path, FORMAT)
         keys = np.load(directory / KEYS_FILE, mmap_mode="r")
         items = np.load(directory / ITEMS_FILE, mmap_mode="r")
         if len(keys) != int(meta["count"]) or len(items) != int(meta["count"]):

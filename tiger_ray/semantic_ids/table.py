@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from tiger_ray import atomic
 from tiger_ray.runs import RunDir
-from tiger_ray.semantic_ids.index import SemanticIdIndex
+from tiger_ray.semantic_ids.index import SemanticIdIndex, read_format_json
 
 FILENAME = "semantic_ids.parquet"
 CODES_FILE, META_FILE = "codes.npy", "semantic_ids.json"
@@ -184,11 +184,7 @@ class SemanticIds:
         """Memory-map a saved table (no copy). ``codebook_size`` widens c0..c2's vocabulary."""
         directory = Path(directory)
         meta_path = directory / META_FILE
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{meta_path} does not exist; run `tiger train-rqvae`")
-        meta = atomic.read_json(meta_path)
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: not a {FORMAT} file")
+        meta = read_format_json(meta_path, FORMAT)
         sizes = tuple(int(s) for s in meta["codebook_sizes"])
         table = np.load(directory / CODES_FILE, mmap_mode="r")
         if table.ndim != 2 or table.shape != (int(meta["count"]) + 1, len(sizes)):
