@@ -33,7 +33,7 @@ TIGER = [sys.executable, "-m", "tiger_ray.cli"]
 
 
 def stage_commands(run: Path, n_items: int, n_users: int, dim: int, steps: int,
-                   eval_users: int, rqvae_steps: int) -> list[tuple[str, list[str]]]:
+                   eval_users: int, rqvae_steps: int, rqvae_sample: int) -> list[tuple[str, list[str]]]:
     """The pipeline at scale: step-bounded trainings, evaluation on a user sample."""
     r = ["--run", str(run)]
     return [
@@ -41,7 +41,7 @@ def stage_commands(run: Path, n_items: int, n_users: int, dim: int, steps: int,
                    "--dim", str(dim), "--out", str(run)]),
         # The paper's RQ-VAE trained on a fixed-size sample for a fixed number of steps; every
         # item is then assigned by the Ray Data pass.
-        ("train-rqvae", [*TIGER, "train-rqvae", *r, "--preset", "cpu", "--train-sample", "65536",
+        ("train-rqvae", [*TIGER, "train-rqvae", *r, "--preset", "cpu", "--train-sample", str(rqvae_sample),
                          "--steps", str(rqvae_steps)]),
         ("train-seq2seq", [*TIGER, "train-seq2seq", *r, "--preset", "cpu", "--max-steps", str(steps),
                            "--eval-every", str(steps), "--val-users", "500"]),
@@ -128,7 +128,7 @@ def measure(n_items: int, args) -> dict:
     n_users = max(1000, int(n_items * args.users_per_item))
     stages = []
     commands = [] if args.measure_only else stage_commands(
-        run, n_items, n_users, args.dim, args.steps, args.eval_users, args.rqvae_steps)
+        run, n_items, n_users, args.dim, args.steps, args.eval_users, args.rqvae_steps, args.rqvae_sample)
     for name, command in commands:
         print(f"[N={n_items:,}] {name}: {' '.join(command)}", flush=True)
         stages.append(run_measured(name, command, logs / f"{name}.log"))
@@ -191,7 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=64, help="synthetic embedding dimension")
     parser.add_argument("--steps", type=int, default=200,
                         help="seq2seq and dual-encoder training steps")
-    parser.add_argument("--rqvae-steps", type=int, default=600, help="RQ-VAE training steps")
+    # At 1M+ items, 600 steps on 65,536 items left one prefix with 473 items (over the 256 cap of
+    # the collision token); 1,200 steps on 262,144 left at most 212 (synth with 400 items a leaf).
+    parser.add_argument("--rqvae-steps", type=int, default=1200, help="RQ-VAE training steps")
+    parser.add_argument("--rqvae-sample", type=int, default=262_144,
+                        help="items the RQ-VAE trains on (all of them below this)")
     parser.add_argument("--eval-users", type=int, default=2000)
     parser.add_argument("--out", default="runs/scale")
     parser.add_argument("--json", default=None, help="write all figures here")

@@ -81,6 +81,16 @@ def test_bad_configs_name_the_flag(change, message):
 
 
 @pytest.mark.ray
+@pytest.mark.parametrize("items", [12_000, 100_000, 1_000_000, 10_000_000])
+def test_default_sub_clusters_grow_with_the_catalog(items):
+    # A leaf's items differ only in the last Semantic-ID code (256 values): a fixed 256 leaves
+    # put ~3,900 items in one leaf at 1M and overflowed the collision token.
+    config = SynthConfig(items=items)
+    assert config.sub_clusters >= synth.MIN_SUB_CLUSTERS
+    assert items / config.leaves <= synth.ITEMS_PER_LEAF
+    assert SynthConfig(items=items, sub_clusters=3).sub_clusters == 3  # explicit wins
+
+
 def test_run_has_the_canonical_files_in_parts(synth_run):
     run, stats = synth_run
     assert [p.name for p in parquet_files(run.items)] == ["part-00000-0.parquet", "part-00001-0.parquet"]

@@ -49,6 +49,8 @@ MODEL = "synthetic"  # the embedding "model" named in the manifest
 CHUNKS_PER_PART = 32  # default Parquet part: 32 chunks (262,144 rows at the default chunk_rows)
 # Independent random streams: seeded by (seed, stream, chunk), so no two draws share numbers.
 _CENTRES, _ITEMS, _EMBEDDINGS, _USERS = range(4)
+ITEMS_PER_LEAF = 200  # the default sub-cluster size at scale
+MIN_SUB_CLUSTERS = 8  # ... and the default for catalogs under clusters x 8 x ITEMS_PER_LEAF
 _TOPICS = ["lipstick", "shampoo", "tent", "kayak", "puzzle", "robot", "novel", "drill", "teapot",
            "guitar", "sneaker", "lamp", "camera", "blender", "scarf", "helmet"]
 _STYLES = ["classic", "compact", "deluxe", "eco", "mini", "pro", "retro", "sport"]
@@ -60,7 +62,9 @@ class SynthConfig:
     users: int = field(default=10_000, metadata={"help": "number of users U (ids 1..U)"})
     dim: int = field(default=64, metadata={"help": "embedding dimension D"})
     clusters: int = field(default=32, metadata={"help": "top-level clusters"})
-    sub_clusters: int = field(default=8, metadata={"help": "sub-clusters per top cluster"})
+    sub_clusters: int | None = field(default=None, metadata={
+        "help": f"sub-clusters per top cluster (default: enough that one holds about "
+                f"{ITEMS_PER_LEAF} items, at least {MIN_SUB_CLUSTERS})"})
     seed: int = field(default=0, metadata={"help": "same seed (and chunk size) -> same files"})
     min_len: int = field(default=5, metadata={"help": "shortest user sequence (>= 3)"})
     max_len: int = field(default=20, metadata={"help": "longest user sequence"})
@@ -76,6 +80,13 @@ class SynthConfig:
     parts: int | None = field(default=None, metadata={
         "help": f"Parquet parts per table (default: one per {CHUNKS_PER_PART} chunks)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing run directory"})
+
+    def __post_init__(self):
+        # Leaves grow with N: a 3-level Semantic ID separates items of one leaf only with its last
+        # code (256 values), so a fixed 256 leaves at 1M+ items overflows the collision token.
+        if self.sub_clusters is None:
+            subs = max(MIN_SUB_CLUSTERS, math.ceil(self.items / (ITEMS_PER_LEAF * max(self.clusters, 1))))
+            object.__setattr__(self, "sub_clusters", subs)
 
     @property
     def leaves(self) -> int:
