@@ -5,7 +5,7 @@ POST /recommend and compares the ranked item ids with RUN/eval/<model>/<split>/p
 
     tiger serve --run runs/beauty &
     python benchmarks/check_served_predictions.py --run runs/beauty --models tiger,ann --users 200 \\
-        --out runs/beauty/serving/served_vs_evaluated.json
+        --json runs/beauty/serving/served_vs_evaluated.json
 
 Exit code 1 if any list differs. Only loopback URLs are accepted.
 """
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="tiger,ann", help="comma-separated models to check")
     parser.add_argument("--split", default="test", choices=["valid", "test"])
     parser.add_argument("--users", type=int, default=200, help="how many users (the split's first N)")
-    parser.add_argument("--out", help="also write the results to this JSON file")
+    parser.add_argument("--json", "--out", dest="out",
+                        help="also write the results to this JSON file (--out: the old name)")
     args = parser.parse_args(argv)
     if urlparse(args.url).hostname not in LOOPBACK_HOSTS:
         parser.error(f"--url {args.url}: only loopback addresses are checked")

@@ -6,7 +6,7 @@ concurrency given, in one run:
 
     tiger serve --run runs/beauty &                      # 127.0.0.1:8000
     python benchmarks/load_test.py --run runs/beauty --concurrency 1,32 --requests 2000 \\
-        --out runs/beauty/serving/load_test.json
+        --json runs/beauty/serving/load_test.json
 
 A request is an error unless it returns 200 with k items; latency is measured at the client,
 from sending the request to the parsed response. Traffic is bounded by --requests and
@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=600.0,
                         help="stop a level after this long even if --requests are not done")
     parser.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url")
-    parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    parser.add_argument("--json", "--out", dest="out", default=None,
+                        help="also write the results as JSON here (--out: the old name)")
     args = parser.parse_args(argv)
     if args.requests < 1:
         parser.error("--requests must be >= 1")
