@@ -1,7 +1,8 @@
 """Training cost of candidate seq2seq sizes: examples per CPU-second, fp32 and bf16 autocast.
 
-The numbers behind the ``cpu`` preset (tiger_ray/seq2seq/presets.py). One thread and process CPU
-time, so other load on a shared machine does not distort them; the real training examples of a
+The numbers behind the ``cpu`` preset's model (docs/RESULTS.md#model-size-at-a-fixed-cpu-budget).
+One thread and process CPU time, so other load on a shared machine does not distort them; the real
+training examples of a
 run (or Beauty-shaped synthetic ones), length-bucketed batches of 256, the full training step
 (forward, loss, backward, clipping, fused AdamW, schedule). Batches are a sample, so the rate is
 rescaled to the epoch's mean source length (cost is close to linear in tokens at these lengths).

@@ -55,9 +55,9 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype,
 
 
 def uses_random_bits(masks: DropoutMasks, device: torch.device) -> bool:
-    """'auto' takes random bits on CPU, where they measured 1.35-1.5x faster training steps
-    (docs/RESULTS.md), and PyTorch's own dropout elsewhere: on CUDA ``F.dropout`` and SDPA's
-    attention dropout are single fused kernels (not measured here: no GPU)."""
+    """'auto' takes random bits on CPU, where training steps are faster with them (measured:
+    docs/RESULTS.md#dropout-masks), and PyTorch's own dropout elsewhere: on CUDA ``F.dropout``
+    and SDPA's attention dropout are single fused kernels (not measured here: no GPU)."""
     if masks == "auto":
         return device.type == "cpu"
     return masks == "random_bits"

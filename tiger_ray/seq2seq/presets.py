@@ -1,7 +1,7 @@
 """Settings of `tiger train-seq2seq`: the config dataclass and its presets.
 
     tiny   tests: a few-thousand-parameter model, a few dozen steps, seconds on one core
-    cpu    this 2-core machine (the README main job): see the measurement notes on CPU_PRESET
+    cpu    this 2-core machine (the README main job); measured: docs/RESULTS.md#ablations
     paper  the paper's model and schedule (Rajput et al. 2023, Sec. 4 "Implementation details"):
            4+4 layers, 6 heads of 64, d_model 128, MLP 1024, ReLU, dropout 0.1, batch 256,
            lr 0.01 for 10k steps then inverse-square-root decay, 200k steps; for GPU clusters
@@ -31,8 +31,9 @@ class Seq2SeqTrainConfig:
     dropout: float = field(default=0.1, metadata={"help": "dropout rate"})
     dropout_masks: DropoutMasks = field(default="auto", metadata={
         "help": "random_bits: dropout masks from 16-bit slices of random words, the same "
-                "distribution with p rounded to 1/65536, 1.35-1.5x faster CPU steps; bernoulli: "
-                "PyTorch's F.dropout and SDPA attention dropout (fused kernels on GPUs); "
+                "distribution with p rounded to 1/65536, faster CPU steps "
+                "(docs/RESULTS.md#dropout-masks); bernoulli: PyTorch's F.dropout and SDPA "
+                "attention dropout (fused kernels on GPUs); "
                 "auto: random_bits on CPU, bernoulli elsewhere"})
     # ---- optimisation
     batch_size: int = field(default=256, metadata={"help": "global batch (split across workers)"})
@@ -57,8 +58,9 @@ class Seq2SeqTrainConfig:
                 "AMX), fp32 elsewhere"})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the training forward/backward (fused kernels; the first steps "
-                "pay a one-off compile, inference stays eager). Off in both presets: on the 2-core "
-                "CPU it measured slower than eager (docs/RESULTS.md); unmeasured on GPU"})
+                "pay a one-off compile, inference stays eager). Off in both presets: slower than "
+                "eager on CPU (docs/RESULTS.md#seq2seq-training-step-vs-hugging-face-t5); "
+                "unmeasured on GPU"})
     bucket_chunk_batches: int = field(default=64, metadata={
         "help": "length bucketing: sort by length within chunks of this many batches"})
     shuffle_buffer_batches: int = field(default=64, metadata={
@@ -116,45 +118,8 @@ TINY_PRESET = dict(
     bucket_chunk_batches=4, precision="fp32",  # fp32: identical numbers on every test machine
 )
 
-# The README main job: the whole Beauty pipeline within 90 minutes on a 2-core machine, of which
-# about 55 minutes go to this stage. Measured on this machine (AMD EPYC with AVX512-BF16, PyTorch
-# 2.13 CPU, one thread, CPU time so that other load does not distort it; Beauty's 131,413
-# training examples, mean source length 27.8 tokens;
-# `python benchmarks/bench_seq2seq_sizes.py --run runs/beauty`):
-#
-#   model (d_model 128)                 params   fp32 ex/CPU-s   bf16 ex/CPU-s   epoch on 2 cores
-#   paper: 4+4 layers, 6x64 heads, 1024  5.18M        85             147           ~7.5 min (bf16)
-#   2+2 layers, 6x64 heads, MLP 1024     2.95M       169             247           ~4.4 min
-#   3+3 layers, 4x32 heads, MLP 512      2.10M       233             314           ~3.5 min
-#   2+2 layers, 4x32 heads, MLP 512      1.64M       290             483           ~2.3 min
-#
-# The paper trains 200k steps x 256 = ~390 epochs; 55 minutes buys the paper-size model ~7 epochs
-# and the 2+2 / 4x32 / 512 model ~20. Measured on validation (2000 users, beam 20, lr 0.01,
-# bf16, one thread each, same CPU time): after ~1000 CPU-seconds the paper-size model (step 500,
-# 1 epoch) reached Recall@10 0.0155 / NDCG@10 0.0061, the small one (step 2000, 4 epochs) only
-# 0.0025-0.0070 (0.0025, 0.0040, 0.0070, 0.0025 at steps 500-2000). Width and depth pay more than
-# extra passes here, so the cpu preset keeps the paper's architecture and spends the budget on
-# as many steps of it as fit: bf16 autocast ('auto') where the CPU has native bf16, two DDP
-# workers with one thread each (on a 2-core box intra-op threads wait on each other at every op
-# barrier: 30x slower steps measured under load; separate processes do not), training stopped
-# by the wall-clock budget with the best validation checkpoint kept.
-#
-# Optimiser (docs/RESULTS.md, "Is the optimiser the bottleneck?"): the first full run (AdamW
-# lr 0.01, batch 256, decay from step 2000) collapsed to popularity: test R@10 0.0094, 0.08% of
-# the catalog in anyone's top 10. Adafactor at the paper's constant lr 0.01 (its step is relative
-# to each parameter's scale) with batch 128 reached test R@10 0.0238 in 25 minutes, validation
-# recall still rising. More, smaller steps beat fewer large ones at this budget, so the preset
-# uses those settings and holds lr constant (decay_start beyond any step the budget reaches, as
-# the paper holds it for 10k) until the last 20% of the budget, where it anneals linearly to 0
-# (cooldown_fraction; docs/RESULTS.md, "Cold start and cool-down"): on the Beauty cold-start
-# training data, 4,600 steps with the last 920 annealed reached validation Recall@10 0.0415
-# against 0.035 for the same steps at constant lr (one seed each; the validation subset moves by
-# about +-0.005), and validation loss fell from 2.64 at step 3,500 to 2.43.
-#
-# Dropout masks (dropout_masks "auto" = random bits on CPU; docs/RESULTS.md, 2026-12-03): 1.35x
-# faster steps than nn.Dropout's bernoulli_ masks at this preset's per-worker batch of 64 on one
-# thread, the same distribution; the Beauty job with them matched the earlier test metrics
-# within 0.0009, so nothing above was re-tuned for them.
+# The README main job: the Beauty pipeline in 90 minutes on 2 cores, 55 of them in this stage.
+# Why each setting, measured: docs/RESULTS.md#ablations
 CPU_PRESET = dict(
     d_model=128, num_heads=6, head_dim=64, encoder_layers=4, decoder_layers=4, mlp_dim=1024,
     dropout=0.1, batch_size=128, optimizer="adafactor", lr=0.01, warmup_steps=200,

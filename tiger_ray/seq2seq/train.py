@@ -55,8 +55,8 @@ def model_config(config: Seq2SeqTrainConfig, tokenizer: SemanticIdTokenizer) -> 
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> 'bf16' where bfloat16 matmuls are native (measured on an AVX512-BF16 EPYC:
-    1.7x the fp32 training throughput), else 'fp32' (emulated bf16 would be slower)."""
+    """'auto' -> 'bf16' where bfloat16 matmuls are native (measured faster than fp32:
+    docs/RESULTS.md#model-size-at-a-fixed-cpu-budget), else 'fp32' (emulated bf16 is slower)."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
