@@ -18,7 +18,6 @@ is one configuration system. On top of them:
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -63,8 +62,8 @@ def command_parser(command: str, prog: str) -> argparse.ArgumentParser:
     from tiger_ray import cli
 
     subparsers = argparse.ArgumentParser(prog="tiger").add_subparsers()
-    for module in cli.COMMAND_MODULES:
-        importlib.import_module(module).register(subparsers)
+    for module in cli.COMMANDS:
+        module.register(subparsers)
     if command not in subparsers.choices:
         raise SystemExit(f"{prog}: `tiger {command}` does not exist in this version of tiger_ray")
     parser = subparsers.choices[command]

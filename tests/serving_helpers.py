@@ -3,7 +3,7 @@
 Built in-process (no Ray Train) in a few seconds, with the trainers' own code and file formats:
 the synthetic catalog (64 items in 4 topics), topic-derived Semantic IDs, a TIGER seq2seq model
 from ``Seq2SeqTrainer`` saved as RUN/seq2seq/best, and a dual encoder saved with its flat FAISS
-index as RUN/baseline. Serving loads both through ``evaluation.registry``, as in production.
+index as RUN/baseline. Serving loads both through ``tiger_ray.retrievers``, as in production.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from tiger_ray import cli
+from tiger_ray.data import cli as data_cli
 from tiger_ray.data.download import DownloadError, download_file, download_mcauley
 from tiger_ray.data.prepare import PrepareConfig, run_prepare
 from tiger_ray.runs import RunDir
@@ -107,7 +108,7 @@ def test_an_unreachable_server_is_a_clear_error(tmp_path):
 
 def test_cli_download_reports_errors_without_a_traceback(server, tmp_path, monkeypatch, capsys):
     root, url = server
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tiger_ray.data.cli"])
+    monkeypatch.setattr(cli, "COMMANDS", (data_cli,))
     assert cli.main(["download", "--dataset", "toys", "--out", str(tmp_path / "d"),
                      "--base-url", url]) == 2
     assert capsys.readouterr().err.startswith("tiger download: error: http://127.0.0.1:")

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tiger_ray import cli
+from tiger_ray.data import cli as data_cli
 from tiger_ray.data.item_text import clean_categories, clean_price, clean_str, item_text
 from tiger_ray.data.prepare import PrepareConfig, run_prepare
 from tiger_ray.data.schema import ITEMS_SCHEMA, SEQUENCES_SCHEMA, read_sequences
@@ -31,7 +32,7 @@ SHARED_EXPECTED = {
 
 def tiger(argv, monkeypatch) -> int:
     """The real `tiger` entry point, with only this package's commands registered."""
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tiger_ray.data.cli"])
+    monkeypatch.setattr(cli, "COMMANDS", (data_cli,))
     return cli.main(argv)
 
 

@@ -12,7 +12,8 @@ from tiger_ray.cli import main
 from tiger_ray.data.schema import read_sequences
 from tiger_ray.data.split import build_examples
 from tiger_ray.semantic_ids.table import SemanticIds
-from tiger_ray.seq2seq.cold_start import (ColdIndex, exclude_from_training, load_cold_items,
+from tiger_ray.seq2seq.cold_items import load_cold_items
+from tiger_ray.seq2seq.cold_start import (ColdIndex, exclude_from_training,
                                           merge_by_score, mix_cold_items, select_cold_items)
 from tiger_ray.seq2seq.retriever import model_dir
 

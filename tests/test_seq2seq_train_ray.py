@@ -11,7 +11,8 @@ import pytest
 
 from tiger_ray.data.schema import read_sequences
 from tiger_ray.evaluation.retrieval import PREDICTIONS_SCHEMA, evaluate_retriever
-from tiger_ray.seq2seq.cold_start import load_cold_items, select_cold_items
+from tiger_ray.seq2seq.cold_items import load_cold_items
+from tiger_ray.seq2seq.cold_start import select_cold_items
 from tiger_ray.seq2seq.history import read_history
 from tiger_ray.seq2seq.presets import PRESETS, Seq2SeqTrainConfig
 from tiger_ray.seq2seq.ray_train import run_train_seq2seq

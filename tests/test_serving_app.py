@@ -227,7 +227,7 @@ def test_replicas_survive_a_burst_of_malformed_requests(service, http):
 def test_served_answers_equal_evaluate_retriever_predictions(service, serving_run, model):
     from tiger_ray.data.schema import read_sequences
     from tiger_ray.data.split import eval_example
-    from tiger_ray.evaluation.registry import load_retriever
+    from tiger_ray.retrievers import load_retriever
     from tiger_ray.evaluation.retrieval import evaluate_retriever
 
     evaluate_retriever(load_retriever(serving_run, model), serving_run, "test", k=10, progress=False)

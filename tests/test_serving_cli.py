@@ -58,7 +58,7 @@ def test_detach_leaves_the_service_up_and_stop_removes_only_it(ray_local, servin
 
 
 def test_blocking_mode_stops_on_sigterm_and_restores_the_handler(capsys):
-    from tiger_ray.serving.cli import wait_for_signal
+    from tiger_ray.serving.app import wait_for_signal
 
     before = signal.getsignal(signal.SIGTERM)
     threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tiger_ray import cli
+from tiger_ray.data import cli as data_cli
 from tiger_ray.data import synth
 from tiger_ray.data.schema import (ITEMS_SCHEMA, SEQUENCES_SCHEMA, count_rows, parquet_files,
                                    read_items, read_sequences)
@@ -189,7 +190,7 @@ def test_large_synthetic_run_helper_for_other_tests(ray_local, tmp_path):
 
 @pytest.mark.ray
 def test_tiger_synth_command(ray_local, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tiger_ray.data.cli"])
+    monkeypatch.setattr(cli, "COMMANDS", (data_cli,))
     out = tmp_path / "run"
     code = cli.main(["synth", "--out", str(out), "--items", "300", "--users", "50", "--dim", "8",
                      "--clusters", "4", "--sub-clusters", "2", "--seed", "3", "--min-len", "4",

@@ -7,22 +7,22 @@ happen inside the command functions so `tiger --help` stays fast.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
-# Order is the pipeline's order; `tiger --help` lists them this way.
-COMMAND_MODULES = [
-    "tiger_ray.data.cli",
-    "tiger_ray.embedding.cli",
-    "tiger_ray.semantic_ids.cli",
-    "tiger_ray.seq2seq.cli",
-    "tiger_ray.baseline.cli",
-    "tiger_ray.evaluation.cli",
-    "tiger_ray.evaluation.compare",
-    "tiger_ray.serving.cli",
-    "tiger_ray.pipeline",
-]
+from tiger_ray import pipeline
+from tiger_ray.baseline import cli as baseline_cli
+from tiger_ray.data import cli as data_cli
+from tiger_ray.embedding import cli as embedding_cli
+from tiger_ray.evaluation import cli as evaluation_cli
+from tiger_ray.evaluation import compare
+from tiger_ray.semantic_ids import cli as semantic_ids_cli
+from tiger_ray.seq2seq import cli as seq2seq_cli
+from tiger_ray.serving import cli as serving_cli
+
+# Modules with ``register(subparsers)``, in the pipeline's order; `tiger --help` lists them so.
+COMMANDS = (data_cli, embedding_cli, semantic_ids_cli, seq2seq_cli, baseline_cli, evaluation_cli,
+            compare, serving_cli, pipeline)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for module in COMMANDS:
+        module.register(sub)
     return parser
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import logging
 import time
@@ -21,56 +20,52 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from tiger_ray.baseline import config as baseline_config
+from tiger_ray.baseline.ray_train import run_train_baseline
+from tiger_ray.config import build_config
+from tiger_ray.data import prepare
+from tiger_ray.embedding import config as embed_config
+from tiger_ray.embedding.ray_embed import run_embed
+from tiger_ray.evaluation import compare, evaluate
 from tiger_ray.runs import RunDir
+from tiger_ray.semantic_ids import config as rqvae_config
+from tiger_ray.semantic_ids.ray_train import run_train_rqvae
+from tiger_ray.seq2seq import presets as seq2seq_presets
+from tiger_ray.seq2seq.ray_train import run_train_seq2seq
 
 log = logging.getLogger(__name__)
-
-
-def _resolve(ref: str) -> Any:
-    module, attr = ref.split(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    config: str  # "module:ConfigClass"
-    presets: str  # "module:PRESETS"
-    run: str  # "module:run_function" taking (RunDir, config) -> summary dict
+    config: type  # the stage's config dataclass
+    presets: dict[str, dict]  # preset name -> overrides of the config's defaults
+    run: Callable[[RunDir, Any], dict]  # (run directory, config) -> summary dict
     done: Callable[[RunDir], Path]  # the file whose presence means the stage is complete
     fixed: tuple[tuple[str, Any], ...] = ()  # settings this pipeline step always uses
 
     def build_config(self, preset: str, overrides: dict[str, Any]):
-        from tiger_ray.config import build_config
-
-        cls = _resolve(self.config)
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(self.config)}
         given = {k: v for k, v in {**overrides, **dict(self.fixed)}.items() if k in names}
-        return build_config(cls, given, _resolve(self.presets).get(preset, {}))
+        return build_config(self.config, given, self.presets.get(preset, {}))
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("prepare", "tiger_ray.data.prepare:PrepareConfig", "tiger_ray.data.prepare:PRESETS",
-          "tiger_ray.data.prepare:run_prepare", lambda r: r.stats),
-    Stage("embed", "tiger_ray.embedding.ray_embed:EmbedConfig", "tiger_ray.embedding.ray_embed:PRESETS",
-          "tiger_ray.embedding.ray_embed:run_embed", lambda r: r.embeddings / "manifest.json"),
-    Stage("train-rqvae", "tiger_ray.semantic_ids.config:RQVAEConfig",
-          "tiger_ray.semantic_ids.config:PRESETS", "tiger_ray.semantic_ids.ray_train:run_train_rqvae",
+    Stage("prepare", prepare.PrepareConfig, prepare.PRESETS, prepare.run_prepare, lambda r: r.stats),
+    Stage("embed", embed_config.EmbedConfig, embed_config.PRESETS, run_embed,
+          lambda r: r.embeddings / "manifest.json"),
+    Stage("train-rqvae", rqvae_config.RQVAEConfig, rqvae_config.PRESETS, run_train_rqvae,
           lambda r: r.semantic_ids / "semantic_ids.json"),
-    Stage("train-seq2seq", "tiger_ray.seq2seq.presets:Seq2SeqTrainConfig",
-          "tiger_ray.seq2seq.presets:PRESETS", "tiger_ray.seq2seq.ray_train:run_train_seq2seq",
-          lambda r: r.seq2seq / "summary.json"),
-    Stage("evaluate-tiger", "tiger_ray.evaluation.evaluate:EvaluateConfig",
-          "tiger_ray.evaluation.evaluate:PRESETS", "tiger_ray.evaluation.evaluate:run_evaluate",
+    Stage("train-seq2seq", seq2seq_presets.Seq2SeqTrainConfig, seq2seq_presets.PRESETS,
+          run_train_seq2seq, lambda r: r.seq2seq / "summary.json"),
+    Stage("evaluate-tiger", evaluate.EvaluateConfig, evaluate.PRESETS, evaluate.run_evaluate,
           lambda r: r.eval_dir("tiger", "test") / "metrics.json", fixed=(("model", "tiger"),)),
-    Stage("train-baseline", "tiger_ray.baseline.config:BaselineConfig",
-          "tiger_ray.baseline.config:PRESETS", "tiger_ray.baseline.ray_train:run_train_baseline",
-          lambda r: r.baseline / "summary.json"),
-    Stage("evaluate-ann", "tiger_ray.evaluation.evaluate:EvaluateConfig",
-          "tiger_ray.evaluation.evaluate:PRESETS", "tiger_ray.evaluation.evaluate:run_evaluate",
+    Stage("train-baseline", baseline_config.BaselineConfig, baseline_config.PRESETS,
+          run_train_baseline, lambda r: r.baseline / "summary.json"),
+    Stage("evaluate-ann", evaluate.EvaluateConfig, evaluate.PRESETS, evaluate.run_evaluate,
           lambda r: r.eval_dir("ann", "test") / "metrics.json", fixed=(("model", "ann"),)),
-    Stage("compare", "tiger_ray.evaluation.compare:CompareConfig",
-          "tiger_ray.evaluation.compare:PRESETS", "tiger_ray.evaluation.compare:run_compare",
+    Stage("compare", compare.CompareConfig, compare.PRESETS, compare.run_compare,
           lambda r: r.compare / "comparison.json"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
@@ -94,7 +89,7 @@ def run_pipeline(run: RunDir, preset: str, overrides: dict[str, Any], start: str
         config = stage.build_config(preset, overrides)
         log.info("[%s] starting: %s", stage.name, config)
         t0 = time.perf_counter()
-        summaries[stage.name] = _resolve(stage.run)(run, config)
+        summaries[stage.name] = stage.run(run, config)
         timings[stage.name] = time.perf_counter() - t0
         log.info("[%s] done in %.1f s", stage.name, timings[stage.name])
     timings["total"] = time.perf_counter() - begin

@@ -12,7 +12,6 @@ invalid-ID rate (TIGER), Entropy@10 of the top-10's item categories, throughput.
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 
 import numpy as np
@@ -94,21 +93,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def loader_accepts(model: str) -> set[str]:
-    """Keyword options the model's loader takes (so a flag that does not apply is an error)."""
-    import importlib
-
-    from tiger_ray.evaluation.registry import LOADERS, MODELS
-
-    if model not in LOADERS:
-        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
-    module_name, function = LOADERS[model].split(":")
-    loader = getattr(importlib.import_module(module_name), function)
-    return set(list(inspect.signature(loader).parameters)[1:])
-
-
 def load(run, model: str, **options):
-    from tiger_ray.evaluation.registry import load_retriever
+    from tiger_ray.retrievers import load_retriever, loader_accepts
 
     accepted = loader_accepts(model)
     wrong = sorted(set(options) - accepted)
@@ -182,7 +168,7 @@ def evaluate(run, model: str = "tiger", split: str = "test", *, k: int = 10, bat
     import functools
 
     from tiger_ray import atomic
-    from tiger_ray.evaluation.registry import RetrieverFactory
+    from tiger_ray.retrievers import RetrieverFactory
     from tiger_ray.evaluation.retrieval import evaluate_retriever
 
     retriever = load(run, model, **options)  # here too: bad options and missing models fail early
@@ -205,7 +191,8 @@ def evaluate(run, model: str = "tiger", split: str = "test", *, k: int = 10, bat
 
 def evaluate_cold(run, args: argparse.Namespace, options: dict) -> dict:
     """``--cold-start``: the model must have been trained with unseen items held out."""
-    from tiger_ray.seq2seq.cold_start import evaluate_cold_start, load_cold_items
+    from tiger_ray.seq2seq.cold_items import load_cold_items
+    from tiger_ray.seq2seq.cold_start import evaluate_cold_start
     from tiger_ray.seq2seq.retriever import model_dir
 
     if args.model != "tiger":

@@ -168,7 +168,7 @@ def training_time(run: RunDir, model: str) -> dict:
 
 
 def compare_model(run: RunDir, model: str, histories, user_ids, config: CompareConfig) -> dict:
-    from tiger_ray.evaluation.registry import load_retriever
+    from tiger_ray.retrievers import load_retriever
 
     row = {"model": model, "label": MODEL_LABELS.get(model, model), "quality": quality(run, model),
            "training": training_time(run, model)}

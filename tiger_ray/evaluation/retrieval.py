@@ -12,7 +12,7 @@ so anyone can recompute the metrics from the predictions (``metrics_from_predict
 Every batch goes through one function, ``evaluate_batch``: it writes its predictions part and
 returns its partial sums (metric totals, count, extras, the distinct items it recommended).
 Given a retriever it runs in this process; given a ``workers`` count and a zero-argument
-factory (e.g. ``registry.RetrieverFactory``), it runs as Ray Data batch inference on that many
+factory (e.g. ``retrievers.RetrieverFactory``), it runs as Ray Data batch inference on that many
 actors, each loading the model once. The driver only adds up the sums, so no stage holds every
 user or every prediction.
 """
@@ -316,7 +316,7 @@ def evaluate_retriever(retriever: Retriever | Callable[[], Retriever], run: RunD
 
     ``workers=0``: in this process, with ``retriever`` a Retriever (or a factory, called once).
     ``workers>=1``: Ray Data batch inference on that many actors; ``retriever`` must then be a
-    picklable zero-argument factory with a ``name`` (``registry.RetrieverFactory``)."""
+    picklable zero-argument factory with a ``name`` (``retrievers.RetrieverFactory``)."""
     from tqdm.auto import tqdm
 
     if split not in ("valid", "test"):

@@ -47,7 +47,6 @@ from tiger_ray.runs import RunDir
 from tiger_ray.semantic_ids.table import SemanticIds
 from tiger_ray.seq2seq.tokenizer import hash_user_ids
 
-COLD_ITEMS_FILE = "cold_items.json"
 PREFIX_LEN = 3  # the paper: unseen items match a generated ID on its first 3 codes
 
 
@@ -77,23 +76,6 @@ def exclude_from_training(examples: Examples, cold_items: np.ndarray) -> Example
     return Examples(user_index=examples.user_index[keep], user_ids=examples.user_ids[keep],
                     offsets=offsets, flat=examples.flat[keep_item & keep[row_of_item]],
                     targets=examples.targets[keep])
-
-
-def save_cold_items(directory: str | Path, cold_items: np.ndarray, fraction: float | None = None,
-                    seed: int | None = None) -> None:
-    atomic.write_json(Path(directory) / COLD_ITEMS_FILE, {
-        "fraction": fraction, "seed": seed, "item_ids": [int(i) for i in np.sort(cold_items)]})
-
-
-def load_cold_items(directory: str | Path) -> np.ndarray | None:
-    """The unseen items a model was trained without, or None if it saw every item."""
-    path = Path(directory) / COLD_ITEMS_FILE
-    if not path.exists():
-        return None
-    data = atomic.read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("item_ids"), list):
-        raise ValueError(f"{path}: expected an object with an 'item_ids' list")
-    return np.asarray(data["item_ids"], dtype=np.int64)
 
 
 # ---- 3: mixing unseen items into the ranked list ------------------------------------------------

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from tiger_ray import atomic
 from tiger_ray.semantic_ids.table import CODE_COLUMNS, SemanticIds
+from tiger_ray.seq2seq.cold_items import save_cold_items
 from tiger_ray.seq2seq.dropout import Dropout, DropoutMasks, random_bits_dropout, uses_random_bits
 from tiger_ray.seq2seq.tokenizer import PAD, SemanticIdTokenizer
 
@@ -304,8 +305,6 @@ def save_model(directory: str | Path, model: nn.Module, config: Seq2SeqConfig,
     with atomic.atomic_path(directory / MODEL_FILE) as tmp:
         torch.save(state, tmp)
     if cold_items is not None:
-        from tiger_ray.seq2seq.cold_start import save_cold_items
-
         save_cold_items(directory, cold_items)
     atomic.write_json(directory / CONFIG_FILE, {
         "model": dataclasses.asdict(config),

@@ -260,7 +260,7 @@ def _load_state(checkpoint) -> dict:
 def write_outputs(run: RunDir, config: Seq2SeqTrainConfig, state: dict, tokenizer,
                   wall_seconds: float, cold_items: np.ndarray | None = None) -> dict:
     """best/, history.jsonl, learning_curve.png, train_config.json, summary.json from a final state."""
-    from tiger_ray.seq2seq.cold_start import save_cold_items
+    from tiger_ray.seq2seq.cold_items import save_cold_items
     from tiger_ray.seq2seq.history import plot_learning_curve, write_history
     from tiger_ray.seq2seq.model import TigerSeq2Seq, save_model
     from tiger_ray.seq2seq.train import VAL_METRIC, model_config

@@ -45,7 +45,7 @@ def build_app(run: RunDir, config: ServeConfig, loaders: dict[str, str] | None =
     """The ingress bound to one model deployment per served model.
 
     ``loaders`` maps a model name to a custom "module:function" returning a ``Retriever``
-    (default: ``tiger_ray.evaluation.registry``).
+    (default: ``tiger_ray.retrievers``).
     """
     loaders = dict(loaders or {})
     check_run(run, config, loaders)
@@ -140,3 +140,21 @@ def stop(app_name: str) -> None:
         serve.delete(app_name)
     if owns_local_ray() and not serve.status().applications:
         serve.shutdown()
+
+
+def wait_for_signal() -> None:
+    """Block until Ctrl-C or SIGTERM (the previous SIGTERM handler is restored afterwards)."""
+    import signal
+    import threading
+
+    done = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: done.set())
+    print("press Ctrl-C to stop", flush=True)
+    try:
+        while not done.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print("shutting down", flush=True)

@@ -57,7 +57,7 @@ def register(subparsers) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from tiger_ray.ray_env import init_ray
     from tiger_ray.runs import RunDir
-    from tiger_ray.serving.app import check_run, start, stop
+    from tiger_ray.serving.app import check_run, start, stop, wait_for_signal
 
     config = build_config(ServeConfig, args, PRESETS[args.preset])
     run = RunDir(args.run)
@@ -101,21 +101,3 @@ def _serve(args: argparse.Namespace) -> int:
 
                 ray.shutdown()
     return 0
-
-
-def wait_for_signal() -> None:
-    """Block until Ctrl-C or SIGTERM (the previous SIGTERM handler is restored afterwards)."""
-    import signal
-    import threading
-
-    done = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: done.set())
-    print("press Ctrl-C to stop", flush=True)
-    try:
-        while not done.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    print("shutting down", flush=True)

@@ -82,7 +82,7 @@ def serve_demo(run: RunDir, config: ServeConfig | None = None, keep_running: boo
               flush=True)
         response = show_demo_request(run, url, config.models[0])
         if keep_running:
-            from tiger_ray.serving.cli import wait_for_signal
+            from tiger_ray.serving.app import wait_for_signal
 
             wait_for_signal()
     finally:

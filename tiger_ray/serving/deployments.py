@@ -44,7 +44,7 @@ HEALTH_TIMEOUT_S = 10.0
 
 @serve.deployment
 class ModelDeployment:
-    """One retriever (loaded via the evaluation registry) behind a batched ``recommend``."""
+    """One retriever (loaded via the model registry (tiger_ray/retrievers.py)) behind a batched ``recommend``."""
 
     def __init__(self, run_dir: str, model: str, options: dict | None = None,
                  loader: str | None = None, torch_threads: int = 1):

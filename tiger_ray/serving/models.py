@@ -176,7 +176,7 @@ class ServedModel:
 def load_served_model(run: RunDir, model: str, options: dict | None = None,
                       loader: str | None = None) -> ServedModel:
     """Load ``model`` of ``run`` through the registry (or a custom ``loader``) for serving."""
-    from tiger_ray.evaluation.registry import load_retriever
+    from tiger_ray.retrievers import load_retriever
 
     options = {k: v for k, v in (options or {}).items() if v is not None}
     load = import_loader(loader) if loader else (lambda run, **kw: load_retriever(run, model, **kw))

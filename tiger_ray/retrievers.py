@@ -1,30 +1,41 @@
 """Retrievers by name: how `tiger evaluate`, `tiger compare` and serving load a trained model.
 
-Each entry is "module:function" with signature ``load(run: RunDir, **options) -> Retriever``;
-modules are imported only when asked for, so loading one model never imports the other's stack.
+The wiring layer: evaluation and serving work on the ``Retriever`` protocol
+(``evaluation/retrieval.py``) and never import a model package; this module maps each model
+name to its package's ``load_retriever(run: RunDir, **options) -> Retriever``.
 """
 
 from __future__ import annotations
 
-import importlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
+from tiger_ray.baseline import retriever as ann_retriever
 from tiger_ray.evaluation.retrieval import Retriever
 from tiger_ray.runs import RunDir
+from tiger_ray.seq2seq import retriever as tiger_retriever
 
-LOADERS = {
-    "tiger": "tiger_ray.seq2seq.retriever:load_retriever",
-    "ann": "tiger_ray.baseline.retriever:load_retriever",
+LOADERS: dict[str, Callable[..., Retriever]] = {
+    "tiger": tiger_retriever.load_retriever,
+    "ann": ann_retriever.load_retriever,
 }
 MODELS = tuple(LOADERS)
 
 
-def load_retriever(run: RunDir, model: str, **options) -> Retriever:
+def _loader(model: str) -> Callable[..., Retriever]:
     if model not in LOADERS:
         raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
-    module_name, function = LOADERS[model].split(":")
-    return getattr(importlib.import_module(module_name), function)(run, **options)
+    return LOADERS[model]
+
+
+def loader_accepts(model: str) -> set[str]:
+    """Keyword options the model's loader takes (so a flag that does not apply is an error)."""
+    return set(list(inspect.signature(_loader(model)).parameters)[1:])
+
+
+def load_retriever(run: RunDir, model: str, **options) -> Retriever:
+    return _loader(model)(run, **options)
 
 
 @dataclass(frozen=True)
