@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tiger_ray.cli import main
-from tiger_ray.evaluation.cli import evaluate, format_table, item_categories, load
+from tiger_ray.evaluation.cli import format_table
+from tiger_ray.evaluation.evaluate import evaluate, item_categories, load
 from tiger_ray.evaluation.metrics import PAPER_KEYS, CatalogCoverage, category_entropy
 from tiger_ray.evaluation.retrieval import PREDICTIONS_SCHEMA, metrics_from_predictions
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tiger_ray.evaluation.cli import evaluate
+from tiger_ray.evaluation.evaluate import evaluate
 from tiger_ray.evaluation.retrieval import PREDICTIONS_SCHEMA, metrics_from_predictions
 
 from seq2seq_helpers import train_tiny_tiger, write_topic_semantic_ids

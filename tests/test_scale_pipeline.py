@@ -79,7 +79,7 @@ def test_every_stage_streams_a_20k_item_catalog(scale_run):
     summary = _stage(run_train_seq2seq, run, seq2seq, rows_seen, "train-seq2seq")
     assert summary["steps"] == 20
 
-    evaluate = EvaluateConfig(model="tiger", splits=("test",), limit=EVAL_USERS, batch_size=100,
+    evaluate = EvaluateConfig(model="tiger", split=("test",), limit=EVAL_USERS, batch_size=100,
                               workers=1)
     tiger = _stage(run_evaluate, run, evaluate, rows_seen, "evaluate-tiger")["test"]
     assert tiger["count"] == EVAL_USERS and tiger["invalid_id_rate"] == 0
@@ -88,7 +88,7 @@ def test_every_stage_streams_a_20k_item_catalog(scale_run):
                                              "valid_users": 200}, BASELINE_PRESETS["tiny"])
     index = IndexConfig(index_type="ivfpq", ivf_nlist=64, pq_m=4)
     _stage(lambda r, c: run_train_baseline(r, c, index), run, baseline, rows_seen, "train-baseline")
-    evaluate_ann = EvaluateConfig(model="ann", splits=("test",), limit=EVAL_USERS, batch_size=100,
+    evaluate_ann = EvaluateConfig(model="ann", split=("test",), limit=EVAL_USERS, batch_size=100,
                                   workers=1)
     ann = _stage(run_evaluate, run, evaluate_ann, rows_seen, "evaluate-ann")["test"]
     assert ann["count"] == EVAL_USERS

@@ -2,16 +2,19 @@
 
 Every stage keeps its settings in a dataclass. ``add_config_args`` turns the dataclass into
 argparse flags (help text from ``field(metadata={"help": ...})``), and ``build_config`` applies,
-in order: dataclass defaults, a named preset, then only the flags the user actually gave.
-Configs are saved beside what they produced, so a run records what it was made with.
+in order: dataclass defaults, a named preset, a settings file (``--config FILE``, JSON or YAML),
+then only the flags the user actually gave. ``--print-config`` shows the result. Configs are
+saved beside what they produced, so a run records what it was made with.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import types
 import typing
+from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 C = TypeVar("C")
@@ -56,17 +59,46 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
         parser.add_argument(_flag(f.name), **kwargs)
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A settings file: a JSON or YAML (.yaml/.yml) mapping of field names (``-`` or ``_``) to
+    values. Parsed, never executed; a syntax error names the file and line."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise FileNotFoundError(f"--config {path}: {err.strerror}") from None
+    try:
+        data = (yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ValueError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of setting names to values, got "
+                         f"{type(data).__name__}")
+    return {str(key).replace("-", "_"): value for key, value in data.items()}
+
+
 def build_config(cls: type[C], args: argparse.Namespace | Mapping[str, Any] | None = None,
                  preset: Mapping[str, Any] | None = None) -> C:
-    """Defaults <- preset <- explicitly given flags (those not None)."""
+    """Defaults <- preset <- settings file (``args.config_file``) <- explicitly given flags
+    (those not None). File keys of other configs are left to them (``check_config_file``)."""
     values: dict[str, Any] = dict(preset or {})
     given = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown preset fields {sorted(unknown)}")
+    if given.get("config_file"):
+        values.update({k: v for k, v in read_config_file(given["config_file"]).items() if k in names})
     for name in names:
-        if given.get(name) is not None:
+        if name != "config_file" and given.get(name) is not None:
             values[name] = given[name]
     hints = typing.get_type_hints(cls)
     for name, value in list(values.items()):
@@ -85,16 +117,50 @@ def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
     return build_config(cls, {k: v for k, v in data.items() if k in names})
 
 
+def check_config_file(path: str | Path, classes: tuple[type, ...], command: str) -> None:
+    """Every key of the settings file must be a field of one of the stage's configs."""
+    names = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    unknown = sorted(set(read_config_file(path)) - names)
+    if unknown:
+        raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)} for `tiger {command}` "
+                         f"(`tiger {command} --print-config` lists them)")
+
+
 def stage_parser(subparsers, name: str, *, config_cls: type, presets: Mapping[str, Any], help: str,
                  description: str, preset_help: str, func, run_help: str = "run directory",
                  run_flags: tuple[str, ...] = ("--run",), default_preset: str | None = "cpu",
-                 skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
-    """The `tiger <stage>` subcommand every stage shares: ``--run RUN_DIR`` (required),
-    ``--preset`` (one of ``presets``), one flag per ``config_cls`` field (except ``skip``), and
-    ``func`` as the handler. Returned so the stage can add flags of its own."""
+                 skip: tuple[str, ...] = (), also: tuple[type, ...] = ()) -> argparse.ArgumentParser:
+    """The `tiger <stage>` subcommand every stage shares: ``--run RUN_DIR``, ``--preset`` (one
+    of ``presets``), ``--config FILE``, ``--print-config``, one flag per field of ``config_cls``
+    (except ``skip``) and of each config in ``also``, and ``func`` as the handler. Returned so
+    the stage can add flags of its own."""
     parser = subparsers.add_parser(name, help=help, description=description)
-    parser.add_argument(*run_flags, dest="run", required=True, metavar="RUN_DIR", help=run_help)
+    parser.add_argument(*run_flags, dest="run", default=None, metavar="RUN_DIR",
+                        help=run_help + " (required unless --print-config)")
     parser.add_argument("--preset", choices=sorted(presets), default=default_preset, help=preset_help)
+    parser.add_argument("--config", dest="config_file", default=None, metavar="FILE",
+                        help="JSON or YAML file of settings (names as --print-config shows them); "
+                             "it overrides the preset, flags given override it")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved settings (defaults < preset < --config < flags) "
+                             "as JSON and exit")
     add_config_args(parser, config_cls, skip=skip)
-    parser.set_defaults(func=func)
+    for cls in also:
+        add_config_args(parser, cls)
+    classes = (config_cls, *also)
+
+    def handler(args: argparse.Namespace) -> int:
+        if args.config_file:
+            check_config_file(args.config_file, classes, name)
+        if args.print_config:
+            preset = presets[args.preset] if args.preset else None
+            resolved = {cls.__name__: to_dict(build_config(cls, args, preset if cls is config_cls else None))
+                        for cls in classes}
+            print(json.dumps(resolved if also else resolved[config_cls.__name__], indent=2, default=str))
+            return 0
+        if args.run is None:
+            parser.error(f"the following arguments are required: {'/'.join(run_flags)}")
+        return func(args)
+
+    parser.set_defaults(func=handler)
     return parser

@@ -11,7 +11,7 @@ from tiger_ray.config import add_config_args, build_config, stage_parser
 
 
 def register(subparsers) -> None:
-    train = stage_parser(
+    stage_parser(
         subparsers, "train-baseline", config_cls=BaselineConfig, presets=PRESETS, func=_train,
         help="train the dual-encoder baseline with Ray Train and build its FAISS index",
         description="Train a SASRec-style query tower and an ID + text item tower on the run's "
@@ -19,8 +19,8 @@ def register(subparsers) -> None:
         "the epoch by validation recall@10, then index the item vectors with FAISS in "
         "RUN/baseline/. Re-running resumes from the latest Ray Train checkpoint.",
         run_help="run directory (after tiger embed)",
-        preset_help="tiny (tests), cpu (this 2-core machine), paper (GPU clusters)")
-    add_config_args(train, IndexConfig)  # the FAISS index built after training
+        preset_help="tiny (tests), cpu (this 2-core machine), paper (GPU clusters)",
+        also=(IndexConfig,))  # the FAISS index built after training
 
     index = subparsers.add_parser(
         "baseline-index", help="build another FAISS index for the trained dual encoder and measure "
