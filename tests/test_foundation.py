@@ -104,16 +104,37 @@ def test_ray_binds_to_loopback_only(ray_local):
 @pytest.mark.ray
 def test_embedded_ray_workers_silence_the_train_cleaner_warnings(ray_local):
     """Without a dashboard, Ray Train's placement-group cleaner would log a State API warning
-    every second of every training run; the embedded Ray's workers raise that logger to ERROR."""
+    every second of every training run; the embedded Ray's workers raise that logger to ERROR,
+    and (without `tiger --verbose`) hide the TrainingReport(...) dump of every report."""
+    import importlib.util
     import logging
 
-    from tiger_ray.ray_env import _TRAIN_CLEANER_LOGGER
+    from tiger_ray.ray_env import _TRAIN_CLEANER_LOGGER, _TRAIN_REPORT_MODULE
+
+    report_logger = importlib.util.find_spec(_TRAIN_REPORT_MODULE).origin
 
     @ray_local.remote(num_cpus=0)
-    def level() -> int:
-        return logging.getLogger(_TRAIN_CLEANER_LOGGER).getEffectiveLevel()
+    def levels() -> tuple[int, int]:
+        return (logging.getLogger(_TRAIN_CLEANER_LOGGER).getEffectiveLevel(),
+                logging.getLogger(report_logger).getEffectiveLevel())
 
-    assert ray_local.get(level.remote()) == logging.ERROR
+    assert ray_local.get(levels.remote()) == (logging.ERROR, logging.WARNING)
+
+
+def test_verbose_keeps_the_training_reports(monkeypatch):
+    import importlib.util
+    import logging
+
+    from tiger_ray import ray_env
+
+    logger = logging.getLogger(importlib.util.find_spec(ray_env._TRAIN_REPORT_MODULE).origin)
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    monkeypatch.setenv(ray_env.VERBOSE_ENV, "1")
+    ray_env.quiet_train_cleaner_logs()
+    assert logger.level == logging.NOTSET
+    monkeypatch.delenv(ray_env.VERBOSE_ENV)
+    ray_env.quiet_train_cleaner_logs()
+    assert logger.level == logging.WARNING
 
 
 def test_run_layout_ignores_generated_names_only(tmp_path):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import warnings
 
 from tiger_ray import pipeline
 from tiger_ray.baseline import cli as baseline_cli
@@ -41,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:
+        from tiger_ray.ray_env import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"  # Ray workers inherit it (ray_env.worker_env_vars)
+    else:  # library deprecation notices (Ray Data, Pydantic in Serve) are not the user's to act on
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

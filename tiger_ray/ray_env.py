@@ -36,9 +36,13 @@ def apply_env(offline: bool = False) -> None:
             os.environ.setdefault(key, value)
 
 
+VERBOSE_ENV = "TIGER_VERBOSE"  # set by `tiger --verbose`: workers keep Ray's chatty INFO logs
+
+
 def worker_env_vars() -> dict[str, str]:
     """Environment that Ray workers must see too (passed as runtime_env env_vars)."""
-    keys = [*RAY_ENV_VARS, *OFFLINE_ENV_VARS, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "TIGER_DATA_DIR"]
+    keys = [*RAY_ENV_VARS, *OFFLINE_ENV_VARS, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "TIGER_DATA_DIR",
+            VERBOSE_ENV]
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 
@@ -50,11 +54,24 @@ def worker_env_vars() -> dict[str, str]:
 _TRAIN_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
+# Every ray.train.report logs the whole TrainingReport (metrics dict, checkpoint path) at INFO
+# from each rank; our loops log one progress line per eval themselves. The logger is named after
+# the module's file path.
+_TRAIN_REPORT_MODULE = "ray.train.v2._internal.execution.context"
+
+
 def quiet_train_cleaner_logs() -> None:
-    """Worker-process setup hook of the embedded Ray (see ``_TRAIN_CLEANER_LOGGER``)."""
+    """Worker-process setup hook of the embedded Ray (see ``_TRAIN_CLEANER_LOGGER``); without
+    ``tiger --verbose`` it also hides the per-report ``TrainingReport(...)`` dumps."""
+    import importlib.util
     import logging
 
     logging.getLogger(_TRAIN_CLEANER_LOGGER).setLevel(logging.ERROR)
+    if os.environ.get(VERBOSE_ENV):
+        return
+    spec = importlib.util.find_spec(_TRAIN_REPORT_MODULE)
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) -> bool:
