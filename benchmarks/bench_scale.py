@@ -92,7 +92,10 @@ def run_measured(name: str, command: list[str], log_path: Path) -> dict:
             code = process.wait()
     seconds = time.perf_counter() - start
     result = {"stage": name, "seconds": seconds, "exit_code": code,
-              "peak_rss_bytes": peaks.by_label(), "max_process_rss_bytes": peaks.max_bytes}
+              "peak_rss_bytes": peaks.by_label(), "max_process_rss_bytes": peaks.max_bytes,
+              # without shared pages (object store, memory-mapped files): what a process owns
+              "peak_private_bytes": peaks.by_label(private=True),
+              "max_process_private_bytes": peaks.max_private_bytes}
     if code != 0:
         tail = log_path.read_text().splitlines()[-20:]
         raise RuntimeError(f"{name} failed ({code}); {log_path}:\n" + "\n".join(tail))
@@ -134,7 +137,8 @@ def measure(n_items: int, args) -> dict:
         stages.append(run_measured(name, command, logs / f"{name}.log"))
         s = stages[-1]
         print(f"[N={n_items:,}] {name}: {s['seconds']:.1f} s, max process RSS "
-              f"{s['max_process_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+              f"{s['max_process_rss_bytes'] / 2**30:.2f} GiB (private "
+              f"{s['max_process_private_bytes'] / 2**30:.2f} GiB)", flush=True)
     decode = subprocess.run([sys.executable, "-c", DECODE_SCRIPT, str(run), "200"], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
     if decode.returncode != 0:

@@ -2,7 +2,9 @@
 
 A background thread walks the process tree every ``interval`` seconds and keeps, per process, the
 kernel's own high-water mark (``VmHWM`` in /proc/<pid>/status: the peak resident set since the
-process started, so a spike between two samples is not missed while the process lives). Each
+process started, so a spike between two samples is not missed while the process lives), and the
+largest private part seen (``RssAnon``: the resident set minus shared pages, i.e. without the
+Ray object store's shared memory and memory-mapped files that every process of a node shares). Each
 process is labelled by its command line, which Ray sets to ``ray::<Actor or task name>`` for
 workers, so a report says "RayTrainWorker peaked at 1.2 GiB" rather than naming a pid.
 """
@@ -76,6 +78,7 @@ class PeakMemory:
 
     root: int
     peaks: dict[int, int] = field(default_factory=dict)
+    private_peaks: dict[int, int] = field(default_factory=dict)  # sampled, so a lower bound
     labels: dict[int, str] = field(default_factory=dict)
 
     def sample(self) -> None:
@@ -84,6 +87,9 @@ class PeakMemory:
             if hwm is None:
                 continue
             self.peaks[pid] = max(self.peaks.get(pid, 0), hwm * 1024)
+            anon = _status_kib(pid, "RssAnon")
+            if anon is not None:
+                self.private_peaks[pid] = max(self.private_peaks.get(pid, 0), anon * 1024)
             label = _label(pid)
             # Ray renames a worker for the task or actor it runs (and back to ray::IDLE after a
             # task): keep the most specific name seen.
@@ -94,10 +100,10 @@ class PeakMemory:
             elif pid not in self.labels:
                 self.labels[pid] = label
 
-    def by_label(self) -> dict[str, int]:
-        """The largest peak among processes with the same label."""
+    def by_label(self, private: bool = False) -> dict[str, int]:
+        """The largest peak among processes with the same label (``private``: of RssAnon)."""
         out: dict[str, int] = {}
-        for pid, peak in self.peaks.items():
+        for pid, peak in (self.private_peaks if private else self.peaks).items():
             label = "driver" if pid == self.root else self.labels.get(pid, "?")
             out[label] = max(out.get(label, 0), peak)
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
@@ -105,6 +111,10 @@ class PeakMemory:
     @property
     def max_bytes(self) -> int:
         return max(self.peaks.values(), default=0)
+
+    @property
+    def max_private_bytes(self) -> int:
+        return max(self.private_peaks.values(), default=0)
 
 
 class PeakMemorySampler:
