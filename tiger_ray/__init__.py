@@ -18,3 +18,16 @@ __version__ = "0.1.0"
 from tiger_ray.ray_env import apply_env as _apply_env  # noqa: E402  (light: os/json only)
 
 _apply_env()
+
+# The Python API (tiger_ray/api.py), loaded on first use so that `import tiger_ray` (done by every
+# Ray worker) stays light.
+__all__ = ["synth", "prepare", "embed", "train_rqvae", "train_seq2seq", "evaluate",
+           "train_baseline", "compare", "serve", "stop_serving", "load_retriever", "Recommender"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from tiger_ray import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'tiger_ray' has no attribute {name!r}")
