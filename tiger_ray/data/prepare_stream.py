@@ -11,7 +11,9 @@ counts, a few per-file totals and at most a handful of example rows for an error
    the users in order, each oldest item first.
 2. checks, as the in-memory engine makes them: a repeated user or item (groupby counts, then the
    earliest repeat), too-short users, item ids without a metadata row.
-3. --k-core K: groupby counts per item and per user and anti-joins, repeated until stable.
+3. --k-core K: interactions hash-partitioned by item, then by user; each bucket task counts its
+   keys (a groupby within the bucket, which holds all rows of its keys) and drops those under K;
+   repeated until the interaction count stops falling.
 4. dense ids: a groupby gives each item its first position, a sort orders the items by it, and an
    item's id is its row number in that order: the first id of a sorted part is the row count of
    the parts before it, read from Parquet footers.
@@ -55,7 +57,7 @@ from tiger_ray.data.schema import ITEMS_SCHEMA, SEQUENCES_SCHEMA, parquet_files
 from tiger_ray.data.sequences_format import (parse_item_line, parse_sequence_line,
                                              repeated_item_error, repeated_user_error)
 from tiger_ray.data.split import MIN_SEQUENCE_LENGTH
-from tiger_ray.data.stats import COVERAGE_FIELDS
+from tiger_ray.data.stats import COVERAGE_FIELDS, field_coverage
 from tiger_ray.runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -202,24 +204,30 @@ class _Stream:
             str(directory), partition_cols=["bucket"])
         return directory
 
-    def join(self, left: Path, right: Path, left_on: str, right_on: str, how: str):
-        """Bucket by bucket join of two ``bucketed`` tables (how: "inner", "left anti")."""
+    def per_bucket(self, directory: Path, fn: Callable[[pa.Table, int], pa.Table | None]):
+        """``fn(rows, bucket)`` for each bucket of a ``bucketed`` table: all rows of a key are in
+        one bucket. Empty buckets and None results give no rows."""
         import ray.data
 
-        def join_bucket(batch: dict[str, np.ndarray]):
+        def apply(batch: dict[str, np.ndarray]):
             for bucket in batch["id"]:
-                left_rows = _read_bucket(left, int(bucket))
-                if left_rows is None:
-                    continue
-                right_rows = _read_bucket(right, int(bucket))
-                if right_rows is None:
-                    if how == "left anti":
-                        yield left_rows
-                    continue
-                yield _join_tables(left_rows, right_rows, left_on, right_on, how)
+                rows = _read_bucket(directory, int(bucket))
+                result = fn(rows, int(bucket)) if rows is not None else None
+                if result is not None:
+                    yield result
 
         return ray.data.range(self.buckets, override_num_blocks=self.buckets).map_batches(
-            join_bucket, batch_size=1, batch_format="numpy")
+            apply, batch_size=1, batch_format="numpy")
+
+    def join(self, left: Path, right: Path, left_on: str, right_on: str, how: str):
+        """Bucket by bucket join of two ``bucketed`` tables (how: "inner", "left anti")."""
+        def join_bucket(left_rows: pa.Table, bucket: int) -> pa.Table | None:
+            right_rows = _read_bucket(right, bucket)
+            if right_rows is None:
+                return left_rows if how == "left anti" else None
+            return _join_tables(left_rows, right_rows, left_on, right_on, how)
+
+        return self.per_bucket(left, join_bucket)
 
     def dense_rank(self, ds, order: str, out: str, start: int = 0):
         """``ds`` plus column ``out`` = start + 1-based row number in ``order`` (unique values).
@@ -262,9 +270,8 @@ class _Stream:
 
     def read(self, files: list[Path], parse_row, schema: pa.Schema, name: str):
         """Parse ``files`` in Ray tasks and number the rows 1.. in file then line order (column
-        ``ord``); returns (dataset, rows per file)."""
+        ``ord``); returns (dataset, totals of ``_block_totals`` over all rows)."""
         import ray.data
-        from ray.data.aggregate import Count
 
         names = [str(p) for p in files]
         parsed = self.save(ray.data.range(len(names), override_num_blocks=len(names)).map_batches(
@@ -272,16 +279,21 @@ class _Stream:
         if parsed is None:
             shown = names[0] if len(names) == 1 else f"{len(names)} files ({names[0]}, ...)"
             raise ValueError(f"{shown}: no rows in the input")
-        per_file = {row["file"]: row["count"]
-                    for row in parsed.groupby("file").aggregate(Count(alias_name="count")).take_all()}
-        counts = np.array([per_file.get(i, 0) for i in range(len(names))], dtype=np.int64)
+        # One small row per (block, file), not per input row; no shuffle needed.
+        partial = parsed.map_batches(_block_totals, batch_format="pyarrow",
+                                     batch_size=None).take_all()
+        counts = np.zeros(len(names), dtype=np.int64)
+        for row in partial:
+            counts[row["file"]] += row["rows"]
+        totals = {key: sum(row[key] for row in partial) for key in ("rows", "n", "short")}
+        totals["longest"] = max(row["longest"] for row in partial)
         before = np.concatenate([[0], np.cumsum(counts)])[:-1]
 
         def number(block: pa.Table) -> pa.Table:
             ords = before[block["file"].to_numpy()] + block["local"].to_numpy() + 1
             return _with_columns(block, ord=ords)
 
-        return parsed.map_batches(number, batch_format="pyarrow", batch_size=None), counts
+        return parsed.map_batches(number, batch_format="pyarrow", batch_size=None), totals
 
     def first_repeat(self, ds, key: str) -> tuple[dict, dict] | None:
         """The earliest row whose ``key`` came before (where reading in order stops) and that
@@ -321,6 +333,18 @@ def _check_items_unique(stream: _Stream, meta, files: list[Path]) -> None:
                                   where(files[first["file"]], first["line"]))
 
 
+def _block_totals(block: pa.Table) -> pa.Table:
+    """Per file in a block of parsed rows: rows, and for users their items (n), the longest
+    sequence and how many are too short for the leave-one-out split."""
+    n = block["n"] if "n" in block.column_names else pa.array(np.zeros(block.num_rows, np.int64))
+    grouped = pa.table({"file": block["file"], "n": n,
+                        "short": pc.cast(pc.less(n, MIN_SEQUENCE_LENGTH), pa.int64())})
+    totals = grouped.group_by("file").aggregate([("file", "count"), ("n", "sum"), ("n", "max"),
+                                                 ("short", "sum")])
+    return totals.rename_columns({"file_count": "rows", "n_sum": "n", "n_max": "longest",
+                                  "short_sum": "short"})
+
+
 def _explode(stride: int):
     """A map_batches function: users -> one row per interaction (user_ord, pos, item)."""
     def explode(block: pa.Table) -> pa.Table:
@@ -339,31 +363,33 @@ def _count_by(ds, key: str, alias: str):
     return ds.groupby(key).aggregate(Count(alias_name=alias))
 
 
-def _k_core(stream: _Stream, inter, k: int, users: int) -> tuple[object, int]:
-    """The in-memory k_core_filter's passes over the interactions table; (kept rows, passes)."""
+def _drop_below(key: str, k: int) -> Callable[[pa.Table, int], pa.Table]:
+    """A per_bucket function: the rows whose ``key`` occurs at least ``k`` times (the bucket
+    holds every row of its keys, so its own counts are the global ones)."""
+    def drop(rows: pa.Table, bucket: int) -> pa.Table:
+        counts = rows.group_by(key).aggregate([(key, "count")])
+        keep = counts.filter(pc.greater_equal(counts[f"{key}_count"], k))[key]
+        return rows.filter(pc.is_in(rows[key], value_set=keep.combine_chunks()))
+    return drop
+
+
+def _k_core(stream: _Stream, inter, k: int, interactions: int) -> tuple[object, int]:
+    """The in-memory k_core_filter's passes over the interactions table; (kept rows, passes).
+
+    A pass drops items with fewer than k interactions, then users left with fewer than k, each
+    by counts grouped per hash bucket of the key. Either drop removes interactions, so a pass
+    changed something exactly when the interaction count fell."""
     passes = 0
     while True:
         passes += 1
-        rare = stream.save(_where(_count_by(inter, "item", "count"),
-                                  lambda b: pc.less(b["count"], k)), "rare-items")
-        if rare is not None:
-            inter = stream.join(stream.bucketed(inter, "item", "interactions"),
-                                stream.bucketed(rare, "item", "rare-items"), "item", "item",
-                                "left anti")
-        per_user = stream.save(_count_by(inter, "user_ord", "count"), "user-counts")
-        present = per_user.count() if per_user is not None else 0
-        short = _where(per_user, lambda b: pc.less(b["count"], k)) if per_user is not None else None
-        short = stream.save(short, "short-users") if short is not None else None
-        kept = present - (short.count() if short is not None else 0)
-        if short is not None:
-            inter = stream.join(stream.bucketed(inter, "user_ord", "interactions"),
-                                stream.bucketed(short, "user_ord", "short-users"), "user_ord",
-                                "user_ord", "left anti")
-        changed = rare is not None or kept < users
-        users = kept
-        inter = stream.save(inter, f"k-core-{passes}") if kept else None
-        if not changed or inter is None:
-            return inter, passes
+        frequent = stream.per_bucket(stream.bucketed(inter, "item", "interactions"),
+                                     _drop_below("item", k))
+        kept = stream.save(stream.per_bucket(stream.bucketed(frequent, "user_ord", "interactions"),
+                                             _drop_below("user_ord", k)), f"k-core-{passes}")
+        remaining = kept.count() if kept is not None else 0
+        if remaining in (0, interactions):
+            return kept, passes
+        inter, interactions = kept, remaining
 
 
 def _rows_of_users(users, ords: list[int]) -> dict[int, dict]:
@@ -386,9 +412,9 @@ def _check_lengths(lengths, total: int, users, files: list[Path]) -> None:
             for row in shown])
 
 
-def _check_metadata(stream: _Stream, firsts: Path, meta: Path, stride: int, users,
+def _check_metadata(stream: _Stream, item_ids: Path, meta: Path, stride: int, users,
                     files: list[Path]) -> None:
-    missing = stream.join(firsts, meta, "item", "key", "left anti")
+    missing = stream.join(item_ids, meta, "item", "key", "left anti")
     count = missing.count()
     if count:
         shown = missing.sort("first").take(MAX_EXAMPLES)
@@ -414,16 +440,8 @@ def _to_items_schema(block: pa.Table) -> pa.Table:
 
 
 def _coverage(block: pa.Table) -> pa.Table:
-    """Per block: how many items have each metadata field (stats.field_coverage, summed later)."""
-    counts = {}
-    for name in COVERAGE_FIELDS:
-        column = block[name]
-        if name == "categories":
-            present = pc.greater(pc.fill_null(pc.list_value_length(column), 0), 0)
-            counts[name] = [int(pc.sum(present).as_py() or 0)]
-        else:
-            counts[name] = [len(column) - column.null_count]
-    return pa.table(counts)
+    """One row per block: stats.field_coverage of its items, added up by the driver."""
+    return pa.table({name: [count] for name, count in field_coverage(block).items()})
 
 
 def _length_stats(histogram: list[dict], users: int, interactions: int) -> dict:
@@ -443,46 +461,46 @@ def _length_stats(histogram: list[dict], users: int, interactions: int) -> dict:
 
 def _prepare(stream: _Stream, config: PrepareConfig, k: int, sequence_files: list[Path],
              item_files: list[Path], items_out: Path, sequences_out: Path) -> dict:
-    from ray.data.aggregate import Count, Max, Min, Sum
+    from ray.data.aggregate import Min
 
-    users, _ = stream.read(sequence_files, _user_row, USERS_SCHEMA, "users")
-    totals = users.aggregate(Count(alias_name="users"), Sum("n", alias_name="interactions"),
-                             Max("n", alias_name="longest"))
-    input_users, input_interactions = int(totals["users"]), int(totals["interactions"])
+    users, totals = stream.read(sequence_files, _user_row, USERS_SCHEMA, "users")
+    input_users, input_interactions = int(totals["rows"]), int(totals["n"])
     _check_users_unique(stream, users, sequence_files)
     stride = int(totals["longest"]) + 1  # positions: user * stride + index, in input order
     inter = users.map_batches(_explode(stride), batch_format="pyarrow", batch_size=None)
 
     k_core_report, kept_users, lengths = None, input_users, None
     if k > 1:
-        inter, passes = _k_core(stream, stream.save(inter, "interactions"), k, input_users)
-        lengths = stream.save(_count_by(inter, "user_ord", "n"), "lengths") if inter else None
+        inter, passes = _k_core(stream, inter, k, input_interactions)
+        lengths = (stream.save(_count_by(inter, "user_ord", "n"), "lengths") if inter is not None
+                   else None)
         kept_users = lengths.count() if lengths is not None else 0
         kept_interactions = lengths.sum("n") if lengths is not None else 0
         k_core_report = {"k": k, "passes": passes, "users_removed": input_users - kept_users,
                          "interactions_removed": input_interactions - kept_interactions}
         log.info("%d-core: %d passes, removed %d users and %d interactions", k, passes,
                  k_core_report["users_removed"], k_core_report["interactions_removed"])
-    meta, _ = stream.read(item_files, _item_row, META_SCHEMA, "metadata")
+    meta, meta_totals = stream.read(item_files, _item_row, META_SCHEMA, "metadata")
     _check_items_unique(stream, meta, item_files)
     if not kept_users:
         raise ValueError("no user sequences left to prepare")
     if lengths is None:
         lengths = users.select_columns(["ord", "n"]).rename_columns({"ord": "user_ord"})
-    _check_lengths(lengths, kept_users, users, sequence_files)
-
-    firsts = stream.save(inter.groupby("item").aggregate(Min("pos", alias_name="first")), "firsts")
-    meta_buckets = stream.bucketed(meta, "key", "metadata")
-    _check_metadata(stream, stream.bucketed(firsts, "item", "firsts"), meta_buckets, stride,
-                    users, sequence_files)
+    # The read counted short users; a k-core of at least the minimum leaves none.
+    if (k > 1 and k < MIN_SEQUENCE_LENGTH) or (k <= 1 and totals["short"]):
+        _check_lengths(lengths, kept_users, users, sequence_files)
 
     # Dense ids: items in order of first appearance, then (--keep-cold-items) metadata order.
+    firsts = inter.groupby("item").aggregate(Min("pos", alias_name="first"))
     item_ids, interacted = stream.dense_rank(firsts, "first", "item_id")
-    id_buckets = stream.bucketed(item_ids.select_columns(["item", "item_id"]), "item", "item-ids")
+    id_buckets = stream.bucketed(item_ids, "item", "item-ids")
+    meta_buckets = stream.bucketed(meta, "key", "metadata")
+    _check_metadata(stream, id_buckets, meta_buckets, stride, users, sequence_files)
+
     # Both sides of the union below need the same columns in the same order.
     items = stream.join(meta_buckets, id_buckets, "key", "item", "inner").select_columns(
         ["item_id", *ITEMS_SCHEMA.names[1:]])
-    metadata_rows = meta.count()
+    metadata_rows = int(meta_totals["rows"])
     cold = 0
     if config.keep_cold_items:
         cold_rows = stream.save(stream.join(meta_buckets, id_buckets, "key", "item", "left anti"),
@@ -515,11 +533,9 @@ def _prepare(stream: _Stream, config: PrepareConfig, k: int, sequence_files: lis
     histogram = _count_by(lengths, "n", "users").take_all()  # one row per distinct length
     interactions = int(sum(row["n"] * row["users"] for row in histogram))
     n_items = interacted + cold
-    written = _read_parts(items_out)
-    coverage = written.map_batches(_coverage, batch_format="pyarrow", batch_size=None).sum(
-        list(COVERAGE_FIELDS))
-    if not isinstance(coverage, dict):  # Dataset.sum of one column returns a number
-        coverage = {COVERAGE_FIELDS[0]: coverage}
+    # One row of counts per block of the written items (no shuffle), added up here.
+    per_block = _read_parts(items_out).map_batches(_coverage, batch_format="pyarrow",
+                                                   batch_size=None).take_all()
     stats = {
         "users": kept_users,
         "items": n_items,
@@ -527,7 +543,7 @@ def _prepare(stream: _Stream, config: PrepareConfig, k: int, sequence_files: lis
         "items_with_interactions": interacted,
         "sequence_length": _length_stats(histogram, kept_users, interactions),
         "density": interactions / (kept_users * n_items),
-        "coverage": {name: int(coverage[f"sum({name})"]) for name in COVERAGE_FIELDS},
+        "coverage": {name: int(sum(row[name] for row in per_block)) for name in COVERAGE_FIELDS},
     }
     return describe_run(
         config, "ray", input_specs(config), stats,
