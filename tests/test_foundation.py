@@ -77,6 +77,19 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 
 
+def test_atomic_path_swaps_a_file_for_a_directory_and_back(tmp_path):
+    # A table goes from one Parquet file (local prepare) to a directory of parts (Ray) and back.
+    target = tmp_path / "items.parquet"
+    target.write_text("one file")
+    with atomic.atomic_path(target, is_dir=True) as tmp:
+        (tmp / "part-00000.parquet").write_text("a part")
+    assert [p.name for p in target.iterdir()] == ["part-00000.parquet"]
+    with atomic.atomic_path(target) as tmp:
+        tmp.write_text("one file again")
+    assert target.read_text() == "one file again"
+    assert [p.name for p in tmp_path.iterdir()] == ["items.parquet"]
+
+
 @dataclass
 class _Cfg:
     epochs: int = field(default=3, metadata={"help": "passes"})

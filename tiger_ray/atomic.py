@@ -21,7 +21,7 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
     """Yield a temporary path to write to; on success it replaces ``path``, on error it is removed.
 
     With ``is_dir=True`` the temporary path is created as a directory and a complete existing
-    directory at ``path`` is replaced only after the new one is complete.
+    directory (or file) at ``path`` is replaced only after the new one is complete.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,14 +30,17 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
         tmp.mkdir()
     try:
         yield tmp
-        if is_dir:
-            if path.exists():
-                old = _tmp_sibling(path)
-                os.replace(path, old)
-                os.replace(tmp, path)
+        if path.is_dir() or (is_dir and path.exists()):
+            # os.replace puts neither a file over a directory nor a directory over a file or a
+            # non-empty directory (a table may go from one file to parts and back): the old one
+            # moves aside first and is removed once the new one is in place.
+            old = _tmp_sibling(path)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            if old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
             else:
-                os.replace(tmp, path)
+                old.unlink(missing_ok=True)
         else:
             os.replace(tmp, path)
     except BaseException:

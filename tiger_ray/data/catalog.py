@@ -69,17 +69,30 @@ def _examples(values: list[str]) -> str:
     return ", ".join(values[:MAX_EXAMPLES])
 
 
+def short_users_error(count: int, total: int, examples: list[tuple[str, int, str]],
+                      min_length: int = MIN_SEQUENCE_LENGTH) -> ValueError:
+    """``count`` of ``total`` users are too short; ``examples`` are (user, length, source)."""
+    shown = _examples([f"{key} ({length} items, {source})" for key, length, source in examples])
+    return ValueError(
+        f"{count} of {total} users have fewer than {min_length} items and cannot be "
+        f"split leave-one-out (last item test, second-to-last validation, at least one train "
+        f"item): {shown}. Remove them or pass --k-core {min_length} to filter them out."
+    )
+
+
+def missing_metadata_error(count: int, examples: list[tuple[str, str]]) -> ValueError:
+    """``count`` item ids lack a metadata row; ``examples`` are (item, source of first use)."""
+    shown = _examples([f"{key} (first in {source})" for key, source in examples])
+    return ValueError(f"{count} item ids in the sequences have no metadata row: {shown}")
+
+
 def check_sequence_lengths(users: list[UserSequence],
                            min_length: int = MIN_SEQUENCE_LENGTH) -> None:
     short = [u for u in users if len(u.items) < min_length]
     if short:
-        shown = _examples([f"{u.key} ({len(u.items)} items, {u.source})"
-                           for u in short[:MAX_EXAMPLES]])
-        raise ValueError(
-            f"{len(short)} of {len(users)} users have fewer than {min_length} items and cannot be "
-            f"split leave-one-out (last item test, second-to-last validation, at least one train "
-            f"item): {shown}. Remove them or pass --k-core {min_length} to filter them out."
-        )
+        raise short_users_error(len(short), len(users),
+                                [(u.key, len(u.items), u.source) for u in short[:MAX_EXAMPLES]],
+                                min_length)
 
 
 def check_metadata(users: list[UserSequence], items: dict[str, ItemRecord]) -> None:
@@ -89,10 +102,7 @@ def check_metadata(users: list[UserSequence], items: dict[str, ItemRecord]) -> N
             if key not in items and key not in missing:
                 missing[key] = user.source
     if missing:
-        shown = _examples([f"{key} (first in {source})" for key, source in missing.items()])
-        raise ValueError(
-            f"{len(missing)} item ids in the sequences have no metadata row: {shown}"
-        )
+        raise missing_metadata_error(len(missing), list(missing.items())[:MAX_EXAMPLES])
 
 
 def dense_item_ids(users: list[UserSequence]) -> dict[str, int]:

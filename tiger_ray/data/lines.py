@@ -22,15 +22,18 @@ def open_text(path: str | os.PathLike) -> io.TextIOBase:
     return open(path, "rt", encoding="utf-8")
 
 
-def iter_lines(path: str | os.PathLike, desc: str | None = None) -> Iterator[tuple[int, str]]:
+def iter_lines(path: str | os.PathLike, desc: str | None = None,
+               progress: bool = True) -> Iterator[tuple[int, str]]:
     """Yield (1-based line number, line without trailing newline) for non-blank lines.
 
     The progress bar counts compressed bytes read, so it has a true total even for ``.gz`` files.
+    ``progress=False`` for readers in Ray workers, where a bar would only clutter the driver's log.
     """
     path = Path(path)
     total = path.stat().st_size if path.is_file() else None
     with open_text(path) as handle, tqdm(total=total, unit="B", unit_scale=True,
-                                         desc=desc or path.name, leave=False) as bar:
+                                         desc=desc or path.name, leave=False,
+                                         disable=not progress or None) as bar:
         raw = _raw_file(handle)
         position, lineno = 0, 0
         try:

@@ -27,18 +27,28 @@ from tiger_ray.data.lines import iter_lines, where
 ID_FIELDS = ("item_id", "asin")
 
 
+def parse_sequence_line(line: str, at: str) -> tuple[str, list[str]]:
+    """One ``user item item ...`` line -> (user, items); ``at`` is ``path:line`` for errors."""
+    user, *items = line.split()
+    if not items:
+        raise ValueError(f"{at}: user {user!r} has no items (expected `user item item ...`)")
+    return user, items
+
+
+def repeated_user_error(at: str, user: str, first: str) -> ValueError:
+    """``first``: where the user's first line is ("line 3", or "path:3" in another file)."""
+    return ValueError(f"{at}: user {user!r} appears again (first at {first}); "
+                      f"give one line per user")
+
+
 def read_sequences_file(path: str | os.PathLike) -> list[UserSequence]:
     path = Path(path)
     users: list[UserSequence] = []
     first_line: dict[str, int] = {}
     for lineno, line in iter_lines(path, desc=f"read {path.name}"):
-        user, *items = line.split()
-        if not items:
-            raise ValueError(f"{where(path, lineno)}: user {user!r} has no items "
-                             f"(expected `user item item ...`)")
+        user, items = parse_sequence_line(line, where(path, lineno))
         if user in first_line:
-            raise ValueError(f"{where(path, lineno)}: user {user!r} appears again "
-                             f"(first at line {first_line[user]}); give one line per user")
+            raise repeated_user_error(where(path, lineno), user, f"line {first_line[user]}")
         first_line[user] = lineno
         users.append(UserSequence(user, items, where(path, lineno)))
     if not users:
@@ -100,22 +110,27 @@ def parse_item_row(row: Any, at: str) -> ItemRecord:
     )
 
 
+def parse_item_line(line: str, at: str) -> ItemRecord:
+    """One items-JSONL line -> ItemRecord (parsed as JSON, never evaluated)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{at}: not valid JSON ({err.msg} at column {err.colno})") from None
+    return parse_item_row(row, at)
+
+
+def repeated_item_error(at: str, key: str, first: str) -> ValueError:
+    return ValueError(f"{at}: item {key!r} appears again (first at {first})")
+
+
 def read_items_jsonl(path: str | os.PathLike) -> dict[str, ItemRecord]:
     path = Path(path)
     items: dict[str, ItemRecord] = {}
     for lineno, line in iter_lines(path, desc=f"read {path.name}"):
-        at = where(path, lineno)
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{at}: not valid JSON ({err.msg} at column {err.colno})") from None
-        record = parse_item_row(row, at)
+        record = parse_item_line(line, where(path, lineno))
         if record.key in items:
-            raise ValueError(f"{at}: item {record.key!r} appears again "
-                             f"(first at {items[record.key].source})")
+            raise repeated_item_error(record.source, record.key, items[record.key].source)
         items[record.key] = record
     if not items:
         raise ValueError(f"{path}: no items in the file")
     return items
-
-

@@ -26,7 +26,6 @@ killed synth never leaves a half-written run.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -39,6 +38,7 @@ import pyarrow.compute as pc
 
 from tiger_ray import atomic
 from tiger_ray.config import to_dict
+from tiger_ray.data.ray_parts import data_context, write_parts
 from tiger_ray.data.schema import (ITEMS_SCHEMA, SEQUENCES_SCHEMA, count_list_values, count_rows)
 from tiger_ray.data.split import MIN_SEQUENCE_LENGTH
 from tiger_ray.runs import RunDir
@@ -263,43 +263,15 @@ def _part_table(make_table, config: SynthConfig, total: int):
     return generate
 
 
-def _part_names():
-    from ray.data.datasource import FilenameProvider
-
-    class PartNames(FilenameProvider):
-        """part-00000-0.parquet, ...: named by write task, which follows block order when the
-        execution preserves order (Ray appends "-0", the file's number within its task)."""
-
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            return f"part-{task_index:05d}.parquet"
-
-    return PartNames()
-
-
-@contextlib.contextmanager
-def _preserve_order():
-    """Hand blocks to the write in order, so write task i gets block i (part i)."""
-    import ray.data
-
-    options = ray.data.DataContext.get_current().execution_options
-    before, options.preserve_order = options.preserve_order, True
-    try:
-        yield
-    finally:
-        options.preserve_order = before
-
-
 def _write_table(config: SynthConfig, make_table, total: int, path: Path) -> None:
     import ray.data
 
     parts = _num_parts(config, total)
-    with _preserve_order():  # around the creation too: a Dataset may keep the context it saw
+    with data_context(preserve_order=True):  # around the creation too: see data_context
         # One row per part and batch_size=1: each call makes one part, a worker holds one at a time.
         ds = ray.data.range(parts, override_num_blocks=parts).map_batches(
             _part_table(make_table, config, total), batch_size=1, batch_format="numpy")
-        # OVERWRITE: the names carry no write id (they sort in id order); the directory is new.
-        ds.write_parquet(str(path), filename_provider=_part_names(),
-                         mode=ray.data.SaveMode.OVERWRITE)
+        write_parts(ds, path)
 
 
 def _embedding_sink(directory: Path, key: dict):
