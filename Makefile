@@ -8,7 +8,7 @@ RUN    ?= runs/$(DATASET)
 PRESET ?= cpu
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-all bench clean
 
 venv: $(VENV)/.installed
 
@@ -24,7 +24,11 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(VENV)/bin/tiger pipeline --dataset $(DATASET) --run $(RUN) --preset $(PRESET)
 
+# `make test` (CI, the README's command) leaves out tests marked slow; `make test-all` runs them too.
 test: venv
+	$(PY) -m tiger_ray.testing.run_pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: venv
 	$(PY) -m tiger_ray.testing.run_pytest $(PYTEST_ARGS)
 
 bench: venv

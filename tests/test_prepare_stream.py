@@ -125,6 +125,7 @@ def test_streamed_rows_equal_the_in_memory_rows_and_stay_out_of_the_driver(
     assert consumed < 50, dict(rows.by_call)  # what the engine itself takes from Datasets
 
 
+@pytest.mark.slow  # k-core passes are several Ray Data jobs each
 def test_k_core_and_cold_items_match_too(ray_module, catalog, tmp_path, monkeypatch):
     monkeypatch.setattr(prepare_stream, "BUCKET_BYTES", 20_000)  # several join buckets
     options = {"k_core": 6, "keep_cold_items": True}
