@@ -132,6 +132,8 @@ def measure(n_items: int, args) -> dict:
     stages = []
     commands = [] if args.measure_only else stage_commands(
         run, n_items, n_users, args.dim, args.steps, args.eval_users, args.rqvae_steps, args.rqvae_sample)
+    if args.stages:
+        commands = [(name, command) for name, command in commands if name in args.stages]
     for name, command in commands:
         print(f"[N={n_items:,}] {name}: {' '.join(command)}", flush=True)
         stages.append(run_measured(name, command, logs / f"{name}.log"))
@@ -207,7 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure-only", action="store_true",
                         help="run no stage: decode latency, bytes/item and metrics of existing runs")
     parser.add_argument("--rss-limit-gib", type=float, default=4.0)
+    parser.add_argument("--stages", default=None, help="comma-separated stages to run (default: "
+                        "all), e.g. synth,train-rqvae,train-seq2seq,evaluate-tiger for TIGER only")
     args = parser.parse_args(argv)
+    if args.stages:
+        known = [name for name, _ in stage_commands(Path("."), 1, 1, 1, 1, 1, 1, 1)]
+        args.stages = args.stages.split(",")
+        unknown = [s for s in args.stages if s not in known]
+        if unknown:
+            parser.error(f"--stages: unknown {unknown}; choose from {known}")
     sizes = [int(float(s)) for s in args.items.split(",")]
     results = [measure(n, args) for n in sizes]
     for line in summarize(results, args.rss_limit_gib):
