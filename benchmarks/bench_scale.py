@@ -130,6 +130,9 @@ def measure(n_items: int, args) -> dict:
         shutil.rmtree(run)
     n_users = max(1000, int(n_items * args.users_per_item))
     stages = []
+    previous = Path(args.out) / f"n{n_items}.json"
+    if args.measure_only and previous.exists():  # keep the stage figures of the run measured
+        stages = json.loads(previous.read_text()).get("stages", [])
     commands = [] if args.measure_only else stage_commands(
         run, n_items, n_users, args.dim, args.steps, args.eval_users, args.rqvae_steps, args.rqvae_sample)
     if args.stages:

@@ -10,6 +10,7 @@ import random
 import pytest
 
 from tiger_ray import cli
+from tiger_ray.data import cli as data_cli
 from tiger_ray.data import prepare_config, prepare_stream
 from tiger_ray.data.prepare import PrepareConfig, run_prepare
 from tiger_ray.data.schema import (ITEMS_SCHEMA, SEQUENCES_SCHEMA, count_rows, parquet_files,
@@ -174,7 +175,7 @@ def test_bad_input_names_file_and_line_and_leaves_the_run_as_it_was(
 
 def test_cli_engine_ray_replaces_a_local_run_with_parts_the_readers_open(
         ray_module, catalog, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tiger_ray.data.cli"])
+    monkeypatch.setattr(cli, "COMMANDS", (data_cli,))
     sequences, items = catalog["ray"]
     out = tmp_path / "run"
     prepare(RunDir(out), catalog["local"], "local")  # one-file tables, replaced by parts below
