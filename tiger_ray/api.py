@@ -17,14 +17,13 @@ it uses that one, e.g. a cluster after ``ray.init(address=...)``).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, Sequence
 
 import numpy as np
 
 from tiger_ray import pipeline
-from tiger_ray.config import build_config
+from tiger_ray.config import build_config, field_names
 from tiger_ray.data.synth import PRESETS as SYNTH_PRESETS
 from tiger_ray.data.synth import SynthConfig, run_synth
 from tiger_ray.ray_env import ray_session
@@ -34,7 +33,7 @@ STAGES = {stage.name: stage for stage in pipeline.STAGES}
 
 
 def _config(cls: type, presets: dict, preset: str | None, settings: dict[str, Any]):
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = field_names(cls)
     unknown = sorted(set(settings) - names)
     if unknown:
         raise TypeError(f"unknown setting(s) {', '.join(unknown)} for {cls.__name__}; "

@@ -59,6 +59,11 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
         parser.add_argument(_flag(f.name), **kwargs)
 
 
+def field_names(*classes: type) -> set[str]:
+    """The settings the config dataclasses take."""
+    return {f.name for cls in classes for f in dataclasses.fields(cls)}
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A settings file: a JSON or YAML (.yaml/.yml) mapping of field names (``-`` or ``_``) to
     values. Parsed, never executed; a syntax error names the file and line."""
@@ -87,18 +92,21 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def build_config(cls: type[C], args: argparse.Namespace | Mapping[str, Any] | None = None,
                  preset: Mapping[str, Any] | None = None) -> C:
-    """Defaults <- preset <- settings file (``args.config_file``) <- explicitly given flags
-    (those not None). File keys of other configs are left to them (``check_config_file``)."""
+    """Defaults <- preset <- settings file (``args.config_values``, parsed once by the stage's
+    handler; keys of the stage's other configs are left to them) <- explicitly given flags
+    (those not None)."""
     values: dict[str, Any] = dict(preset or {})
     given = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = field_names(cls)
     unknown = set(values) - names
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown preset fields {sorted(unknown)}")
-    if given.get("config_file"):
-        values.update({k: v for k, v in read_config_file(given["config_file"]).items() if k in names})
+    file_values = given.get("config_values")
+    if file_values is None and given.get("config_file"):  # a Namespace not passed through the handler
+        file_values = read_config_file(given["config_file"])
+    values.update({k: v for k, v in (file_values or {}).items() if k in names})
     for name in names:
-        if name != "config_file" and given.get(name) is not None:
+        if given.get(name) is not None:
             values[name] = given[name]
     hints = typing.get_type_hints(cls)
     for name, value in list(values.items()):
@@ -113,17 +121,18 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
     """Rebuild a saved config, ignoring fields a newer version dropped."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = field_names(cls)
     return build_config(cls, {k: v for k, v in data.items() if k in names})
 
 
-def check_config_file(path: str | Path, classes: tuple[type, ...], command: str) -> None:
-    """Every key of the settings file must be a field of one of the stage's configs."""
-    names = {f.name for cls in classes for f in dataclasses.fields(cls)}
-    unknown = sorted(set(read_config_file(path)) - names)
+def read_stage_settings(path: str | Path, classes: tuple[type, ...], command: str) -> dict[str, Any]:
+    """The settings file of `tiger <command>`: every key must be a field of one of its configs."""
+    values = read_config_file(path)
+    unknown = sorted(set(values) - field_names(*classes))
     if unknown:
         raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)} for `tiger {command}` "
                          f"(`tiger {command} --print-config` lists them)")
+    return values
 
 
 def stage_parser(subparsers, name: str, *, config_cls: type, presets: Mapping[str, Any], help: str,
@@ -150,8 +159,9 @@ def stage_parser(subparsers, name: str, *, config_cls: type, presets: Mapping[st
     classes = (config_cls, *also)
 
     def handler(args: argparse.Namespace) -> int:
-        if args.config_file:
-            check_config_file(args.config_file, classes, name)
+        # Parsed and checked once here; build_config layers it under the flags for each config.
+        args.config_values = (read_stage_settings(args.config_file, classes, name)
+                              if args.config_file else {})
         if args.print_config:
             preset = presets[args.preset] if args.preset else None
             resolved = {cls.__name__: to_dict(build_config(cls, args, preset if cls is config_cls else None))

@@ -12,7 +12,6 @@ continues where it stopped; ``--from STAGE`` re-runs from that stage on.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import time
@@ -22,7 +21,7 @@ from typing import Any, Callable
 
 from tiger_ray.baseline import config as baseline_config
 from tiger_ray.baseline.ray_train import run_train_baseline
-from tiger_ray.config import build_config
+from tiger_ray.config import build_config, field_names
 from tiger_ray.data import prepare
 from tiger_ray.embedding import config as embed_config
 from tiger_ray.embedding.ray_embed import run_embed
@@ -46,7 +45,7 @@ class Stage:
     fixed: tuple[tuple[str, Any], ...] = ()  # settings this pipeline step always uses
 
     def build_config(self, preset: str, overrides: dict[str, Any]):
-        names = {f.name for f in dataclasses.fields(self.config)}
+        names = field_names(self.config)
         given = {k: v for k, v in {**overrides, **dict(self.fixed)}.items() if k in names}
         return build_config(self.config, given, self.presets.get(preset, {}))
 
