@@ -105,6 +105,7 @@ def start(run: RunDir, config: ServeConfig, loaders: dict[str, str] | None = Non
     """
     app = build_app(run, config, loaders)
     serve.start(http_options={"host": config.host, "port": config.port})
+    _proxy_addresses.add((config.host, config.port))
     try:
         serve.run(app, name=config.app_name, route_prefix="/", blocking=False)
     except RuntimeError as err:
@@ -140,6 +141,30 @@ def stop(app_name: str) -> None:
         serve.delete(app_name)
     if owns_local_ray() and not serve.status().applications:
         serve.shutdown()
+        # The proxy actor is killed asynchronously; return only once its port is closed, so a
+        # caller may start again on the same port (or assume nothing listens any more).
+        for host, port in _proxy_addresses:
+            _wait_until_closed(host, port)
+        _proxy_addresses.clear()
+
+
+# (host, port) of the HTTP proxies start() opened in this process.
+_proxy_addresses: set[tuple[str, int]] = set()
+
+
+def _wait_until_closed(host: str, port: int, timeout_s: float = 60.0) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.settimeout(1.0)
+            if s.connect_ex((host, port)) != 0:
+                return
+        time.sleep(0.2)
+    log.warning("Serve was shut down but %s:%d still accepts connections after %.0f s",
+                host, port, timeout_s)
 
 
 def wait_for_signal() -> None:
