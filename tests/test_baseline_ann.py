@@ -183,3 +183,27 @@ def test_ivfpq_refine_reranks_candidates_by_exact_scores():
     assert ann_recall(got, exact) > 0.9
     np.testing.assert_allclose(scores, np.einsum("bd,bkd->bk", queries, vectors[got - 1]), rtol=1e-5, atol=1e-6)
     assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_ivfpq_nprobe_grows_with_nlist_and_the_recall_curve_is_measured(tmp_path):
+    from tiger_ray.baseline.ann_index import measure, nlist_for, nprobe_for
+
+    # Auto nprobe: ~1/64 of the lists (at least 16), so recall holds as the catalog grows; nlist
+    # is capped by the training sample (39 points per centroid), not only by the catalog.
+    assert nprobe_for(IndexConfig(), 1265) == 19 and nprobe_for(IndexConfig(), 6721) == 105
+    assert nprobe_for(IndexConfig(ivf_nprobe=8), 6721) == 8 and nprobe_for(IndexConfig(), 10) == 10
+    assert nlist_for(IndexConfig(), 10_000_000, train_count=262_144) == 6721
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((8000, 32)).astype(np.float32)
+    ids = np.arange(1, 8001, dtype=np.int64)
+    index = AnnIndex.build(vectors, ids, IndexConfig("ivfpq", ivf_nlist=256, pq_m=8, pq_nbits=6))
+    assert index.nprobe == 16
+    measured = measure(index, vectors, ids, vectors[:200] + 0.05, k=10)
+    curve = measured["nprobe_curve"]
+    assert [p["nprobe"] for p in curve] == [4, 8, 16, 32, 64]
+    recalls = [p["ann_recall@10"] for p in curve]
+    assert recalls == sorted(recalls) and recalls[-1] > recalls[0]
+    assert measured["nprobe"] == 16 and index.nprobe == 16  # the sweep leaves the chosen nprobe
+    index.save(tmp_path / "i", extra=measured)
+    assert AnnIndex.load(tmp_path / "i").nprobe == 16

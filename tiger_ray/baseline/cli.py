@@ -52,7 +52,18 @@ def _train(args: argparse.Namespace) -> int:
           f"ndcg@10 {summary['valid']['ndcg@10']:.4f}, {summary['train_seconds']:.0f}s training")
     print(f"{index['index_type']} index: {index['bytes_per_item']:.0f} bytes/item, "
           f"ann recall@10 vs exact {index['ann_recall@10']:.4f} -> {index['path']}")
+    print_nprobe_curve(index)
     return 0
+
+
+def print_nprobe_curve(index: dict) -> None:
+    """IVF-PQ: recall vs exact and latency at other nprobe values (what --ivf-nprobe trades)."""
+    if not index.get("nprobe_curve"):
+        return
+    print(f"  nprobe (of {index['nlist']} lists)  recall@10 vs exact  ms/query (batched)")
+    for point in index["nprobe_curve"]:
+        mark = "  <- built with" if point["nprobe"] == index["nprobe"] else ""
+        print(f"  {point['nprobe']:>6}  {point['ann_recall@10']:>18.4f}  {point['batched_ms_per_query']:>18.4f}{mark}")
 
 
 def _index(args: argparse.Namespace) -> int:

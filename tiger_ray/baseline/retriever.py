@@ -198,10 +198,11 @@ def _build_sharded_ivfpq(run: RunDir, model: DualEncoder, table: torch.Tensor, t
         scratch = Path(tempfile.mkdtemp(prefix=".ivf-", dir=run.baseline))
         table_file = scratch / ITEM_TABLE_FILE
         np.save(table_file, table.cpu().numpy())
+    nlist = ann_index.nlist_for(config, n, train_count=config.ivf_train_sample)
     try:
         build_ondisk_ivfpq(
-            table_file, path, nlist=ann_index.nlist_for(config, n), pq_m=config.pq_m,
-            pq_nbits=config.pq_nbits, nprobe=config.ivf_nprobe, train_sample=config.ivf_train_sample,
+            table_file, path, nlist=nlist, pq_m=config.pq_m, pq_nbits=config.pq_nbits,
+            nprobe=ann_index.nprobe_for(config, nlist), train_sample=config.ivf_train_sample,
             shards=config.ivf_shards or max(2, math.ceil(n / 1_000_000)),
             normalize=model.config.normalize,
             meta={"index_type": "ivfpq", "config": asdict(config), "model_id": model.model_id})
