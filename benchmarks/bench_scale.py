@@ -131,8 +131,10 @@ def measure(n_items: int, args) -> dict:
     n_users = max(1000, int(n_items * args.users_per_item))
     stages = []
     previous = Path(args.out) / f"n{n_items}.json"
-    if args.measure_only and previous.exists():  # keep the stage figures of the run measured
-        stages = json.loads(previous.read_text()).get("stages", [])
+    if (args.measure_only or args.stages) and previous.exists():
+        # Keep the stage figures already measured on this run; stages run now replace theirs.
+        stages = [s for s in json.loads(previous.read_text()).get("stages", [])
+                  if not args.stages or s["stage"] not in args.stages]
     commands = [] if args.measure_only else stage_commands(
         run, n_items, n_users, args.dim, args.steps, args.eval_users, args.rqvae_steps, args.rqvae_sample)
     if args.stages:
