@@ -95,6 +95,26 @@ def test_evaluate_limit_valid_split_and_temperature(trained_run):
     assert all(len(set(r)) == len(r) == 10 for r in table.column("item_ids").to_pylist())
 
 
+def test_both_splits_load_the_model_and_categories_once(trained_run, monkeypatch):
+    from tiger_ray.evaluation import evaluate as module
+
+    calls = {"load": 0, "item_categories": 0}
+    for name in calls:
+        original = getattr(module, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    results = module.run_evaluate(trained_run, module.EvaluateConfig(split=["valid", "test"], limit=12))
+    assert calls == {"load": 1, "item_categories": 1}
+    assert [results[s]["split"] for s in ("valid", "test")] == ["valid", "test"]
+    assert all(results[s]["count"] == 12 for s in results)
+    for split in ("valid", "test"):
+        written = json.loads((trained_run.eval_dir("tiger", split) / "metrics.json").read_text())
+        assert written["recall@10"] == results[split]["recall@10"]
+
+
 def test_format_table_puts_paper_rows_beside_ours():
     result = {"model": "tiger", "split": "test", "count": 5, "recall@5": 0.05, "ndcg@5": 0.03,
               "recall@10": 0.07, "ndcg@10": 0.04, "invalid_id_rate": 0.0, "entropy@10": 1.2}

@@ -88,11 +88,10 @@ def run_evaluate(run: RunDir, config: EvaluateConfig) -> dict:
     """Evaluate ``config.model`` on each split; returns {split: metrics}."""
     options = config.model_options()
     if config.cold_start:
-        return {split: evaluate_cold(run, config, split) for split in config.split}
-    return {split: evaluate(run, config.model, split, k=config.k, batch_size=config.batch_size,
-                            limit=config.limit, category_level=config.category_level,
-                            workers=config.workers, **options)
-            for split in config.split}
+        return evaluate_cold(run, config)
+    return evaluate_splits(run, config.model, tuple(config.split), k=config.k,
+                           batch_size=config.batch_size, limit=config.limit,
+                           category_level=config.category_level, workers=config.workers, **options)
 
 
 def load(run, model: str, **options):
@@ -162,11 +161,19 @@ class WithEntropy:
         return recs
 
 
-def evaluate(run, model: str = "tiger", split: str = "test", *, k: int = 10, batch_size: int = 1024,
-             limit: int | None = None, category_level: int = -1, write: bool = True,
-             progress: bool = True, workers: int = 0, **options) -> dict:
-    """Load ``model`` through the registry and run ``evaluate_retriever``; returns metrics.json.
-    ``workers`` >= 1: Ray Data batch inference, each actor loading the model itself."""
+def evaluate(run, model: str = "tiger", split: str = "test", **kwargs) -> dict:
+    """Load ``model`` through the registry and run ``evaluate_retriever`` on one split; returns
+    metrics.json. Keywords as ``evaluate_splits``."""
+    return evaluate_splits(run, model, (split,), **kwargs)[split]
+
+
+def evaluate_splits(run, model: str = "tiger", splits: tuple[str, ...] = ("test",), *, k: int = 10,
+                    batch_size: int = 1024, limit: int | None = None, category_level: int = -1,
+                    write: bool = True, progress: bool = True, workers: int = 0,
+                    **options) -> dict[str, dict]:
+    """``evaluate`` on each of ``splits``, loading the model and the item categories once;
+    returns {split: metrics}. ``workers`` >= 1: Ray Data batch inference, each actor loading the
+    model itself."""
     import functools
 
     from tiger_ray import atomic
@@ -179,20 +186,23 @@ def evaluate(run, model: str = "tiger", split: str = "test", *, k: int = 10, bat
     max_history = getattr(getattr(retriever, "tokenizer", None), "max_history", None)
     target = (RetrieverFactory(str(run.root), model, dict(options), wrap=wrap) if workers
               else wrap(retriever))
-    result = evaluate_retriever(target, run, split, k=k, batch_size=batch_size,
-                                max_history=max_history, limit=limit, write=write,
-                                progress=progress, workers=workers)
-    result["dataset"] = dataset_of(run)
-    for name in ("beam_size", "temperature", "precision"):
-        if hasattr(retriever, name):
-            result[name] = getattr(retriever, name)
-    if write:  # the loop wrote metrics.json; add what it does not know about
-        atomic.write_json(run.eval_dir(result["model"], split) / "metrics.json", result)
-    return result
+    results = {}
+    for split in splits:
+        result = evaluate_retriever(target, run, split, k=k, batch_size=batch_size,
+                                    max_history=max_history, limit=limit, write=write,
+                                    progress=progress, workers=workers)
+        result["dataset"] = dataset_of(run)
+        for name in ("beam_size", "temperature", "precision"):
+            if hasattr(retriever, name):
+                result[name] = getattr(retriever, name)
+        if write:  # the loop wrote metrics.json; add what it does not know about
+            atomic.write_json(run.eval_dir(result["model"], split) / "metrics.json", result)
+        results[split] = result
+    return results
 
 
-def evaluate_cold(run: RunDir, config: EvaluateConfig, split: str) -> dict:
-    """``--cold-start``: the model must have been trained with unseen items held out."""
+def evaluate_cold(run: RunDir, config: EvaluateConfig) -> dict[str, dict]:
+    """``--cold-start`` on each split; the model must have been trained with unseen items held out."""
     from tiger_ray.seq2seq.cold_items import load_cold_items
     from tiger_ray.seq2seq.cold_start import evaluate_cold_start
     from tiger_ray.seq2seq.retriever import model_dir
@@ -202,10 +212,11 @@ def evaluate_cold(run: RunDir, config: EvaluateConfig, split: str) -> dict:
         raise ValueError(f"{model_dir(run)} has no cold_items.json: this model saw every item in "
                          f"training; train it with unseen items held out to evaluate cold start")
     retriever = load(run, "tiger", **config.model_options())
-    return evaluate_cold_start(retriever, run, cold_items, epsilon=config.epsilon, k=config.k,
-                               batch_size=config.batch_size, split=split,
-                               prefix_len=config.cold_prefix_len, unseen_beam=config.unseen_beam,
-                               quota=config.unseen_quota)
+    return {split: evaluate_cold_start(retriever, run, cold_items, epsilon=config.epsilon, k=config.k,
+                                       batch_size=config.batch_size, split=split,
+                                       prefix_len=config.cold_prefix_len, unseen_beam=config.unseen_beam,
+                                       quota=config.unseen_quota)
+            for split in config.split}
 
 
 def dataset_of(run) -> str | None:
