@@ -18,13 +18,14 @@ from tiger_ray.data import cli as data_cli
 from tiger_ray.embedding import cli as embedding_cli
 from tiger_ray.evaluation import cli as evaluation_cli
 from tiger_ray.evaluation import compare
+from tiger_ray.hybrid import cli as hybrid_cli
 from tiger_ray.semantic_ids import cli as semantic_ids_cli
 from tiger_ray.seq2seq import cli as seq2seq_cli
 from tiger_ray.serving import cli as serving_cli
 
 # Modules with ``register(subparsers)``, in the pipeline's order; `tiger --help` lists them so.
-COMMANDS = (data_cli, embedding_cli, semantic_ids_cli, seq2seq_cli, baseline_cli, evaluation_cli,
-            compare, serving_cli, pipeline)
+COMMANDS = (data_cli, embedding_cli, semantic_ids_cli, seq2seq_cli, baseline_cli, hybrid_cli,
+            evaluation_cli, compare, serving_cli, pipeline)
 
 
 def build_parser() -> argparse.ArgumentParser:

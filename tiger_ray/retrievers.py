@@ -13,12 +13,14 @@ from typing import Callable
 
 from tiger_ray.baseline import retriever as ann_retriever
 from tiger_ray.evaluation.retrieval import Retriever
+from tiger_ray.hybrid import retriever as hybrid_retriever
 from tiger_ray.runs import RunDir
 from tiger_ray.seq2seq import retriever as tiger_retriever
 
 LOADERS: dict[str, Callable[..., Retriever]] = {
     "tiger": tiger_retriever.load_retriever,
     "ann": ann_retriever.load_retriever,
+    "hybrid": hybrid_retriever.load_retriever,
 }
 MODELS = tuple(LOADERS)
 

@@ -132,6 +132,18 @@ class AnnRetriever:
         ids, scores = self.index.search(self.encode(histories, user_ids), k)
         return Recommendations(item_ids=ids, scores=(scores * self.model.scale()).astype(np.float32))
 
+    def score_items(self, histories: list[np.ndarray], user_ids: np.ndarray,
+                    items: np.ndarray) -> np.ndarray:
+        """The model's exact logits [B, C] for given candidate items [B, C] (-1: none, -inf):
+        the inner products an exact search ranks by, scaled as in ``recommend``."""
+        items = np.asarray(items, dtype=np.int64)
+        queries = torch.from_numpy(self.encode(histories, user_ids)).to(self.device)
+        rows = torch.from_numpy(np.maximum(items, 0)).to(self.table.device)
+        with torch.inference_mode():
+            vectors = self.model.score_vectors(self.table[rows]).float().to(self.device)  # [B, C, dim]
+            scores = torch.einsum("bd,bcd->bc", queries, vectors) * self.model.scale()
+        return np.where(items > 0, scores.cpu().numpy(), -np.inf).astype(np.float32)
+
     def index_bytes(self) -> int:
         """Bytes of the FAISS index (vectors or codes + structure + id map)."""
         return self.index.nbytes()

@@ -17,12 +17,15 @@ from tiger_ray.runs import RunDir
 
 SPLITS = ("valid", "test")
 # Loader options, passed to the model's loader only when set; one the loader does not take is an error.
-MODEL_OPTIONS = ("beam_size", "temperature", "device", "chunk_size", "precision", "index_type")
+MODEL_OPTIONS = ("beam_size", "temperature", "device", "chunk_size", "precision", "index_type",
+                 "tiger_weight", "tiger_candidates", "dense_candidates")
 
 
 @dataclass
 class EvaluateConfig:
-    model: Literal["tiger", "ann"] = field(default="tiger", metadata={"help": "model to evaluate"})
+    model: Literal["tiger", "ann", "hybrid"] = field(default="tiger", metadata={
+        "help": "model to evaluate: tiger, ann (dual encoder + FAISS) or hybrid (TIGER's and the "
+                "dual encoder's candidates re-ranked by both; `tiger tune-hybrid` first)"})
     split: tuple[str, ...] = field(default=("test",), metadata={
         "help": "splits to evaluate, in order (valid and/or test)"})
     k: int = field(default=10, metadata={"help": "ranked list length"})
@@ -46,6 +49,12 @@ class EvaluateConfig:
                 "GPUs (model default fp32)"})
     index_type: str | None = field(default=None, metadata={
         "help": "ann: which saved FAISS index to search (default: the one trained)"})
+    tiger_weight: float | None = field(default=None, metadata={
+        "help": "hybrid: TIGER's share of the mixed score (default: the one `tiger tune-hybrid` chose)"})
+    tiger_candidates: int | None = field(default=None, metadata={
+        "help": "hybrid: TIGER beam candidates per user (default 20)"})
+    dense_candidates: int | None = field(default=None, metadata={
+        "help": "hybrid: dual-encoder candidates per user (default 20)"})
     category_level: int = field(default=-1, metadata={
         "help": "which level of an item's first category path Entropy@10 uses (-1: the most specific)"})
     # cold start (paper Sec. 4.3)

@@ -17,7 +17,7 @@ from tiger_ray.evaluation.retrieval import Recommendations
 from tiger_ray.runs import RunDir
 from tiger_ray.seq2seq.beam_search import beam_search
 from tiger_ray.seq2seq.model import TigerSeq2Seq, load_model
-from tiger_ray.seq2seq.tokenizer import SemanticIdTokenizer
+from tiger_ray.seq2seq.tokenizer import BOS, SemanticIdTokenizer
 from tiger_ray.seq2seq.trie import SemanticIdTrie
 
 BEST_DIR = ("seq2seq", "best")  # RUN/seq2seq/best/{model.pt,config.json,codes.npy,index_*.npy,...}
@@ -87,6 +87,41 @@ class TigerRetriever:
         invalid = filled & (self.tokenizer.items_from_tokens(tokens) != items)
         return Recommendations(item_ids=items, scores=scores.astype(np.float32),
                                extras={"invalid_id_rate": float(invalid.sum()) / k})
+
+
+    @torch.inference_mode()
+    def score_items(self, histories: list[np.ndarray], user_ids: np.ndarray,
+                    items: np.ndarray) -> np.ndarray:
+        """log P(item | history) [B, C] of given candidate items [B, C] (-1: no candidate, scored
+        -inf), by teacher forcing their Semantic IDs: the score beam search gives the same item."""
+        items = np.asarray(items, dtype=np.int64)
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        B, C = items.shape
+        L = self.tokenizer.tokens_per_item
+        out = np.full((B, C), -np.inf, dtype=np.float32)
+        offsets = [int(o) for o in self.tokenizer.offsets]
+        sizes = self.trie.codebook_sizes
+        for lo in range(0, B, self.chunk_size):
+            rows = np.arange(lo, min(lo + self.chunk_size, B))
+            cand = items[rows]
+            real = cand > 0
+            tokens = np.zeros((len(rows), C, L), dtype=np.int64)
+            tokens[real] = self.tokenizer.item_tokens(cand[real])
+            source, pad = self.tokenizer.encode_batch([histories[r] for r in rows], user_ids[rows])
+            source = torch.from_numpy(source).to(self.device)
+            pad = torch.from_numpy(pad).to(self.device)
+            target = torch.from_numpy(tokens).to(self.device)
+            target_in = torch.cat([torch.full_like(target[..., :1], BOS), target[..., :-1]], dim=-1)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                logits = self.model.decode(self.model.encode(source, pad), pad, target_in).float()
+            logp = torch.zeros(len(rows), C, device=self.device)
+            for level in range(L):  # each position normalised over its own code range, as in beam search
+                first, size = offsets[level], int(sizes[level])
+                level_logp = torch.log_softmax(logits[:, :, level, first:first + size], dim=-1)
+                code = (target[..., level] - first).clamp(0, size - 1)
+                logp += level_logp.gather(-1, code[..., None])[..., 0]
+            out[rows] = np.where(real, logp.cpu().numpy(), -np.inf)
+        return out
 
 
 def model_dir(run: RunDir) -> Path:

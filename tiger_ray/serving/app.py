@@ -27,8 +27,11 @@ MODEL_LOAD_ATTEMPTS = 3
 
 # What each model needs on disk (the registry's loaders read these), and who writes it.
 REQUIRED_FILES = {
-    "tiger": ("seq2seq/best/config.json", "tiger train-seq2seq"),
-    "ann": ("baseline/model.pt", "tiger train-baseline"),
+    "tiger": [("seq2seq/best/config.json", "tiger train-seq2seq")],
+    "ann": [("baseline/model.pt", "tiger train-baseline")],
+    "hybrid": [("seq2seq/best/config.json", "tiger train-seq2seq"),
+               ("baseline/model.pt", "tiger train-baseline"),
+               ("hybrid/tuning.json", "tiger tune-hybrid")],
 }
 
 
@@ -37,8 +40,8 @@ def check_run(run: RunDir, config: ServeConfig, loaders: dict[str, str]) -> None
     run.require(run.items, "tiger prepare")
     for model in config.models:
         if model not in loaders:
-            path, produced_by = REQUIRED_FILES[model]
-            run.require(run.root / path, produced_by)
+            for path, produced_by in REQUIRED_FILES[model]:
+                run.require(run.root / path, produced_by)
 
 
 def build_app(run: RunDir, config: ServeConfig, loaders: dict[str, str] | None = None) -> Application:

@@ -60,7 +60,8 @@ def free_port(host: str) -> int:
 def trained_models(run: RunDir) -> tuple[str, ...]:
     from tiger_ray.serving.app import REQUIRED_FILES
 
-    return tuple(m for m, (path, _) in REQUIRED_FILES.items() if (run.root / path).exists())
+    return tuple(m for m, needs in REQUIRED_FILES.items()
+                 if all((run.root / path).exists() for path, _ in needs))
 
 
 def serve_demo(run: RunDir, config: ServeConfig | None = None, keep_running: bool = False) -> dict:

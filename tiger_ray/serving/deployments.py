@@ -37,7 +37,7 @@ from tiger_ray.serving.schema import (
 
 log = logging.getLogger(__name__)
 
-DEPLOYMENT_NAMES = {"tiger": "TigerModel", "ann": "AnnModel"}
+DEPLOYMENT_NAMES = {"tiger": "TigerModel", "ann": "AnnModel", "hybrid": "HybridModel"}
 INGRESS_NAME = "RecommenderApi"
 HEALTH_TIMEOUT_S = 10.0
 

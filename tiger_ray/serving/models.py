@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 MODEL_FILES = {
     "tiger": ["seq2seq/best/*"],
     "ann": ["baseline/model.pt", "baseline/index-*/*"],
+    "hybrid": ["seq2seq/best/*", "baseline/model.pt", "baseline/index-*/*", "hybrid/tuning.json"],
 }
 
 

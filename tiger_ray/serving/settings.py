@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from tiger_ray.ray_env import LOOPBACK
 from tiger_ray.serving.schema import DEFAULT_MAX_BODY_BYTES
 
-MODELS = ("tiger", "ann")
+MODELS = ("tiger", "ann", "hybrid")
+DEFAULT_MODELS = ("tiger", "ann")  # the hybrid is served when asked for (it needs tune-hybrid)
 
 
 @dataclass
@@ -21,7 +22,8 @@ class ServeConfig:
     host: str = field(default=LOOPBACK, metadata={
         "help": "address the HTTP proxy binds to (0.0.0.0 exposes it to the network)"})
     port: int = field(default=8000, metadata={"help": "HTTP port"})
-    models: tuple[str, ...] = field(default=MODELS, metadata={"help": "models to serve: tiger, ann"})
+    models: tuple[str, ...] = field(default=DEFAULT_MODELS, metadata={
+        "help": "models to serve: tiger, ann, hybrid (TIGER + dual encoder; `tiger tune-hybrid` first)"})
     app_name: str = field(default="tiger", metadata={"help": "Serve application name"})
     # ---- TIGER deployment
     tiger_replicas: int = field(default=1, metadata={"help": "TIGER replicas"})
@@ -38,7 +40,13 @@ class ServeConfig:
     ann_cpus: float = field(default=0.5, metadata={"help": "CPUs reserved per baseline replica"})
     ann_index_type: str = field(default="", metadata={
         "help": "FAISS index to load (flat, ivf, hnsw, ...; empty = the one chosen at training)"})
-    # ---- both model deployments
+    # ---- hybrid deployment (it holds both models)
+    hybrid_replicas: int = field(default=1, metadata={"help": "hybrid replicas"})
+    hybrid_max_batch_size: int = field(default=32, metadata={"help": "most hybrid requests decoded together"})
+    hybrid_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per hybrid replica"})
+    hybrid_tiger_weight: float = field(default=-1.0, metadata={
+        "help": "hybrid: TIGER's share of the mixed score (-1 = the one `tiger tune-hybrid` chose)"})
+    # ---- every model deployment
     batch_wait_timeout_s: float = field(default=0.005, metadata={
         "help": "longest a request waits for others to fill its batch"})
     max_ongoing_requests: int = field(default=128, metadata={
@@ -61,31 +69,36 @@ class ServeConfig:
         unknown = [m for m in self.models if m not in MODELS]
         if unknown or not self.models:
             raise ValueError(f"models: choose from {', '.join(MODELS)}, got {list(self.models)}")
-        for name in ("tiger_replicas", "ann_replicas", "ingress_replicas", "tiger_max_batch_size",
-                     "ann_max_batch_size", "max_ongoing_requests", "ingress_max_ongoing_requests",
-                     "max_body_bytes"):
+        for name in ("tiger_replicas", "ann_replicas", "hybrid_replicas", "ingress_replicas",
+                     "tiger_max_batch_size", "ann_max_batch_size", "hybrid_max_batch_size",
+                     "max_ongoing_requests", "ingress_max_ongoing_requests", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("tiger_cpus", "ann_cpus", "ingress_cpus", "batch_wait_timeout_s", "beam_size",
+        for name in ("tiger_cpus", "ann_cpus", "hybrid_cpus", "ingress_cpus", "batch_wait_timeout_s", "beam_size",
                      "temperature", "torch_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.hybrid_tiger_weight != -1.0 and not 0.0 <= self.hybrid_tiger_weight <= 1.0:
+            raise ValueError(f"hybrid_tiger_weight must be in [0, 1] (or -1), got {self.hybrid_tiger_weight}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
 
     def max_batch_size(self, model: str) -> int:
-        return self.tiger_max_batch_size if model == "tiger" else self.ann_max_batch_size
+        return getattr(self, f"{model}_max_batch_size")
 
     def replicas(self, model: str) -> int:
-        return self.tiger_replicas if model == "tiger" else self.ann_replicas
+        return getattr(self, f"{model}_replicas")
 
     def cpus(self, model: str) -> float:
-        return self.tiger_cpus if model == "tiger" else self.ann_cpus
+        return getattr(self, f"{model}_cpus")
 
     def model_options(self, model: str) -> dict:
         """Keyword options for ``load_retriever(run, model, **options)``; unset ones are left out."""
         if model == "tiger":
             options = {"beam_size": self.beam_size or None, "temperature": self.temperature or None}
+        elif model == "hybrid":
+            options = {"tiger_candidates": self.beam_size or None, "index_type": self.ann_index_type or None,
+                       "tiger_weight": None if self.hybrid_tiger_weight == -1.0 else self.hybrid_tiger_weight}
         else:
             options = {"index_type": self.ann_index_type or None}
         if self.use_gpu:
@@ -94,9 +107,10 @@ class ServeConfig:
 
 
 PRESETS: dict[str, dict] = {
-    "tiny": dict(tiger_cpus=0.25, ann_cpus=0.25, ingress_cpus=0.1, tiger_max_batch_size=8,
-                 ann_max_batch_size=8, batch_wait_timeout_s=0.02, max_ongoing_requests=32,
-                 ingress_max_ongoing_requests=64, torch_threads=1),
+    "tiny": dict(tiger_cpus=0.25, ann_cpus=0.25, hybrid_cpus=0.25, ingress_cpus=0.1,
+                 tiger_max_batch_size=8, ann_max_batch_size=8, hybrid_max_batch_size=8,
+                 batch_wait_timeout_s=0.02, max_ongoing_requests=32, ingress_max_ongoing_requests=64,
+                 torch_threads=1),
     "cpu": {},
     "paper": dict(use_gpu=True, tiger_replicas=4, tiger_cpus=2.0, tiger_max_batch_size=128,
                   ann_replicas=2, ann_cpus=2.0, ann_max_batch_size=256, ingress_replicas=2,
