@@ -41,9 +41,10 @@ def ann_run(tmp_path_factory):
 
 def test_compare_without_tiger_reports_why(ann_run):
     result = run_compare(ann_run, CompareConfig(**SMALL))
-    tiger, ann = result["models"]
-    # TIGER is not trained in this run: clear notes instead of a crash
+    tiger, ann, hybrid = result["models"]
+    # TIGER is not trained in this run: clear notes instead of a crash (for the hybrid too)
     assert "train-seq2seq" in tiger["unavailable"] or "seq2seq" in tiger["unavailable"]
+    assert "train-seq2seq" in hybrid["unavailable"] and "latency" not in hybrid
     assert "tiger evaluate" in tiger["quality"]["test"]["missing"]
     assert "latency" not in tiger
     # the dual encoder: metrics from metrics.json, latency measured now, index from the FAISS file

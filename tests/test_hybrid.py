@@ -131,7 +131,7 @@ def test_served_hybrid_needs_tuning_and_answers_batches_like_single_queries(serv
     with pytest.raises(FileNotFoundError, match="tiger tune-hybrid"):
         check_run(untuned, config, {})
     served = load_served_model(serving_run, "hybrid", config.model_options("hybrid"))
-    assert served.window == 20 and served.version != "unknown"
+    assert served.window == 20 and served.version != "unknown"  # the longer of the two windows
     rng = np.random.default_rng(3)
     queries = [Query(rng.integers(1, 65, size=n), user_id=u, k=k) for n, u, k in [(3, 1, 10), (25, 2, 5), (1, 0, 7)]]
     batch = served.answer(queries)

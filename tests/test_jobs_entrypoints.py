@@ -37,7 +37,7 @@ def stage_command(path: Path) -> str:
 def test_one_entrypoint_per_stage_and_the_pipeline():
     names = {p.stem for p in ENTRYPOINTS}
     assert names == {"prepare", "synth", "embed", "train_rqvae", "train_seq2seq", "train_baseline",
-                     "evaluate", "compare", "deploy", "pipeline"}
+                     "tune_hybrid", "evaluate", "compare", "deploy", "pipeline"}
     assert stage_command(JOBS / "deploy.py") == "serve"
     for path in ENTRYPOINTS:
         if path.stem != "deploy":

@@ -1,7 +1,7 @@
 """`tiger pipeline`: the whole chain on one run directory, stage by stage, resumable.
 
     prepare -> embed -> train-rqvae -> train-seq2seq -> evaluate (tiger)
-            -> train-baseline -> evaluate (ann) -> compare
+            -> train-baseline -> evaluate (ann) -> tune-hybrid (valid) -> evaluate (hybrid) -> compare
 
 Each stage is the same function its own `tiger <stage>` command calls, configured from the
 stage's preset (``--preset``); pipeline-wide flags (``--workers``, ``--use-gpu``) go to every
@@ -26,6 +26,8 @@ from tiger_ray.data import prepare
 from tiger_ray.embedding import config as embed_config
 from tiger_ray.embedding.ray_embed import run_embed
 from tiger_ray.evaluation import compare, evaluate
+from tiger_ray.hybrid import tune as hybrid_tune
+from tiger_ray.hybrid.retriever import tuning_path
 from tiger_ray.runs import RunDir
 from tiger_ray.semantic_ids import config as rqvae_config
 from tiger_ray.semantic_ids.ray_train import run_train_rqvae
@@ -66,6 +68,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate-ann", evaluate.EvaluateConfig, evaluate.PRESETS, evaluate.run_evaluate,
           lambda r: r.eval_dir("ann", "test") / "metrics.json",
           fixed=(("model", "ann"), ("split", ("valid", "test")))),
+    Stage("tune-hybrid", hybrid_tune.TuneHybridConfig, hybrid_tune.PRESETS, hybrid_tune.run_tune_hybrid,
+          tuning_path),
+    # Its validation figures at the chosen weight are in RUN/hybrid/tuning.json.
+    Stage("evaluate-hybrid", evaluate.EvaluateConfig, evaluate.PRESETS, evaluate.run_evaluate,
+          lambda r: r.eval_dir("hybrid", "test") / "metrics.json",
+          fixed=(("model", "hybrid"), ("split", ("test",)))),
     Stage("compare", compare.CompareConfig, compare.PRESETS, compare.run_compare,
           lambda r: r.compare / "comparison.json"),
 )

@@ -27,12 +27,13 @@ from tiger_ray.runs import RunDir
 log = logging.getLogger(__name__)
 
 QUALITY_KEYS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
-MODEL_LABELS = {"tiger": "TIGER (generative retrieval)", "ann": "Dual encoder + FAISS"}
+MODEL_LABELS = {"tiger": "TIGER (generative retrieval)", "ann": "Dual encoder + FAISS",
+                "hybrid": "Hybrid (TIGER + dual encoder candidates, re-ranked by both)"}
 
 
 @dataclass
 class CompareConfig:
-    models: tuple[str, ...] = field(default=("tiger", "ann"), metadata={"help": "models to compare"})
+    models: tuple[str, ...] = field(default=("tiger", "ann", "hybrid"), metadata={"help": "models to compare"})
     split: str = field(default="test", metadata={"help": "split whose metrics and histories are used"})
     k: int = field(default=10, metadata={"help": "list length requested per query"})
     single_queries: int = field(default=100, metadata={"help": "batch-1 requests timed per model"})
@@ -161,6 +162,10 @@ def training_time(run: RunDir, model: str) -> dict:
         parts = {"rqvae_seconds": rqvae, "seq2seq_seconds": seq2seq}
     elif model == "ann":
         parts = {"dual_encoder_seconds": read(run.baseline / "summary.json", "train_seconds")}
+    elif model == "hybrid":  # both models, plus choosing the weight on validation
+        parts = {**{k: v for k, v in training_time(run, "tiger").items() if k != "seconds"},
+                 **{k: v for k, v in training_time(run, "ann").items() if k != "seconds"},
+                 "tune_seconds": read(run.root.joinpath("hybrid", "tuning.json"), "seconds")}
     else:
         parts = {}
     known = [v for v in parts.values() if v is not None]

@@ -192,7 +192,9 @@ def evaluate_splits(run, model: str = "tiger", splits: tuple[str, ...] = ("test"
     retriever = load(run, model, **options)  # here too: bad options and missing models fail early
     category_of, _ = item_categories(run, category_level)
     wrap = functools.partial(WithEntropy, category_of=category_of, k=min(10, k))
-    max_history = getattr(getattr(retriever, "tokenizer", None), "max_history", None)
+    # The history a model reads (its own max_history, or its tokenizer's); None: all of it.
+    max_history = (getattr(retriever, "max_history", None)
+                   or getattr(getattr(retriever, "tokenizer", None), "max_history", None))
     target = (RetrieverFactory(str(run.root), model, dict(options), wrap=wrap) if workers
               else wrap(retriever))
     results = {}

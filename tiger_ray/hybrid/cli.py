@@ -24,13 +24,10 @@ def register(subparsers) -> None:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from tiger_ray.hybrid.tune import tune_weight
+    from tiger_ray.hybrid.tune import run_tune_hybrid
     from tiger_ray.runs import RunDir
 
-    config = build_config(TuneHybridConfig, args, PRESETS[args.preset])
-    result = tune_weight(RunDir(args.run), weights=config.weights, limit=config.limit,
-                         batch_size=config.batch_size, tiger_candidates=config.tiger_candidates,
-                         dense_candidates=config.dense_candidates, precision=config.precision)
+    result = run_tune_hybrid(RunDir(args.run), build_config(TuneHybridConfig, args, PRESETS[args.preset]))
     print(f"{'TIGER weight':>12}  {'R@5':>7}  {'N@5':>7}  {'R@10':>7}  {'N@10':>7}   "
           f"({result['users']} validation users)")
     for row in result["grid"]:

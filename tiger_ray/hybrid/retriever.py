@@ -92,7 +92,9 @@ class HybridRetriever:
         self.tiger, self.dense = tiger, dense
         self.tiger_weight = float(tiger_weight)
         self.tiger_candidates, self.dense_candidates = int(tiger_candidates), int(dense_candidates)
-        self.tokenizer = tiger.tokenizer  # its max_history: how much history evaluation hands in
+        # Each model reads its own window of the history (TIGER 20 items in the paper, the dual
+        # encoder its max_history); callers keep at least the longer one.
+        self.max_history = max(tiger.tokenizer.max_history, dense.model.config.max_history)
 
     def candidates(self, histories: list[np.ndarray], user_ids: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -67,7 +67,7 @@ def tune_weight(run: RunDir, weights: tuple[float, ...] = DEFAULT_WEIGHTS, limit
             users = users.slice(0, left)
             left -= users.num_rows
         user_ids, offsets, flat = user_columns(users)
-        histories, targets = eval_examples(offsets, flat, "valid", retriever.tokenizer.max_history)
+        histories, targets = eval_examples(offsets, flat, "valid", retriever.max_history)
         items, tiger_logp, dense_logits = retriever.candidates(histories, user_ids)
         for w in weights:
             ranked, _ = top_k(items, mix(tiger_logp, dense_logits, w), 10)
@@ -89,6 +89,13 @@ def tune_weight(run: RunDir, weights: tuple[float, ...] = DEFAULT_WEIGHTS, limit
     log.info("tune-hybrid: tiger_weight %.2f (valid %s %.4f) -> %s", best["tiger_weight"], SELECT_BY,
              best[SELECT_BY], path)
     return result
+
+
+def run_tune_hybrid(run: RunDir, config: TuneHybridConfig) -> dict:
+    """`tiger tune-hybrid` and the pipeline's step."""
+    return tune_weight(run, weights=config.weights, limit=config.limit, batch_size=config.batch_size,
+                       tiger_candidates=config.tiger_candidates,
+                       dense_candidates=config.dense_candidates, precision=config.precision)
 
 
 def plot_grid(grid: list[dict], path, title: str) -> None:

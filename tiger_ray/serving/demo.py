@@ -58,10 +58,12 @@ def free_port(host: str) -> int:
 
 
 def trained_models(run: RunDir) -> tuple[str, ...]:
+    """The models served by default (tiger, ann) that ``run`` has trained."""
     from tiger_ray.serving.app import REQUIRED_FILES
+    from tiger_ray.serving.settings import DEFAULT_MODELS
 
-    return tuple(m for m, needs in REQUIRED_FILES.items()
-                 if all((run.root / path).exists() for path, _ in needs))
+    return tuple(m for m in DEFAULT_MODELS
+                 if all((run.root / path).exists() for path, _ in REQUIRED_FILES[m]))
 
 
 def serve_demo(run: RunDir, config: ServeConfig | None = None, keep_running: bool = False) -> dict:
