@@ -339,8 +339,9 @@ def exact_top_k(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: in
     queries = np.asarray(queries, dtype=np.float32)
     best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     best_rows = np.zeros((len(queries), k), dtype=np.int64)
-    for lo_item in range(0, len(ids), item_chunk):
-        block = np.array(vectors[lo_item: lo_item + item_chunk], dtype=np.float32)
+    from tiger_ray.mapped import scan_blocks
+
+    for lo_item, block in scan_blocks(vectors[: len(ids)], item_chunk):  # memmaps: not kept resident
         if normalize:
             block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
         kk = min(k, len(block))

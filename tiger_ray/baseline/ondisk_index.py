@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from tiger_ray import atomic
+from tiger_ray.mapped import release
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ def add_shard(trained_path: str, vectors_path: str, lo: int, hi: int, normalize:
     for start in range(lo, hi, batch_rows):
         end = min(start + batch_rows, hi)
         index.add_with_ids(_rows(vectors, start, end, normalize), np.arange(start, end, dtype=np.int64))
+        release(vectors)  # a shard reads its range once: do not keep it resident
     faiss.write_index(index, out_path)
     return int(index.ntotal)
 
