@@ -205,5 +205,11 @@ def test_ivfpq_nprobe_grows_with_nlist_and_the_recall_curve_is_measured(tmp_path
     recalls = [p["ann_recall@10"] for p in curve]
     assert recalls == sorted(recalls) and recalls[-1] > recalls[0]
     assert measured["nprobe"] == 16 and index.nprobe == 16  # the sweep leaves the chosen nprobe
+    assert "refine_curve" not in measured  # no item vectors attached: nothing to re-rank with
+    table = np.concatenate([np.zeros((1, 32), np.float32), vectors])  # row = item id
+    index.attach_vectors(table, normalize=False)
+    refined = measure(index, vectors, ids, vectors[:200] + 0.05, k=10)["refine_curve"]
+    assert [p["refine"] for p in refined] == [0, 2, 5, 10, 20] and index.config.ivf_refine == 0
+    assert refined[-1]["ann_recall@10"] > refined[0]["ann_recall@10"]  # exact re-ranking helps PQ
     index.save(tmp_path / "i", extra=measured)
     assert AnnIndex.load(tmp_path / "i").nprobe == 16

@@ -371,11 +371,12 @@ def measure(index: AnnIndex, vectors: np.ndarray, ids: np.ndarray, queries: np.n
             k: int = 10, normalize: bool = False) -> dict:
     """Recall@k of ``index`` against exact search, and its search latency (batch and single).
 
-    IVF-PQ also gets ``nprobe_curve``: recall and batched latency at 1/4x..4x its nprobe, the
-    numbers to choose ``--ivf-nprobe`` (or ``tiger serve --ivf-nprobe``) by.
+    IVF-PQ also gets ``nprobe_curve``: recall and batched latency at 1/4x..4x its nprobe, and
+    ``refine_curve`` (when item vectors are attached): the same at ``ivf_refine`` 0..20; the
+    numbers to choose ``--ivf-nprobe`` and ``--ivf-refine`` by.
     """
     exact = exact_top_k(vectors, ids, queries, k, normalize=normalize)
-    curve = []
+    curve, refine_curve = [], []
     if index.config.index_type == "ivfpq":
         chosen, nlist = index.nprobe, _ivf_nlist(index)
         for nprobe in sorted({max(1, min(nlist, chosen * f // 4)) for f in (1, 2, 4, 8, 16)}):
@@ -385,6 +386,16 @@ def measure(index: AnnIndex, vectors: np.ndarray, ids: np.ndarray, queries: np.n
             curve.append({"nprobe": nprobe, f"ann_recall@{k}": ann_recall(found, exact),
                           "batched_ms_per_query": 1e3 * (time.perf_counter() - start) / max(len(queries), 1)})
         index.set_nprobe(chosen)
+        if index.refine_vectors is not None:  # and how far exact re-ranking of more candidates helps
+            chosen_refine = index.config.ivf_refine
+            for refine in (0, 2, 5, 10, 20):
+                index.config.ivf_refine = refine
+                start = time.perf_counter()
+                found, _ = index.search(queries, k)
+                refine_curve.append({"refine": refine, f"ann_recall@{k}": ann_recall(found, exact),
+                                     "batched_ms_per_query": 1e3 * (time.perf_counter() - start)
+                                     / max(len(queries), 1)})
+            index.config.ivf_refine = chosen_refine
     start = time.perf_counter()
     found, _ = index.search(queries, k)
     batch_seconds = time.perf_counter() - start
@@ -396,7 +407,8 @@ def measure(index: AnnIndex, vectors: np.ndarray, ids: np.ndarray, queries: np.n
     return {f"ann_recall@{k}": ann_recall(found, exact), "queries": int(len(queries)),
             "batched_ms_per_query": 1e3 * batch_seconds / max(len(queries), 1),
             "single_query_ms": 1e3 * single_seconds,
-            **({"nprobe": index.nprobe, "nlist": _ivf_nlist(index), "nprobe_curve": curve} if curve else {})}
+            **({"nprobe": index.nprobe, "nlist": _ivf_nlist(index), "nprobe_curve": curve} if curve else {}),
+            **({"refine_curve": refine_curve} if refine_curve else {})}
 
 
 def _ivf_nlist(index: AnnIndex) -> int:

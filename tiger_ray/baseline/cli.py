@@ -64,6 +64,13 @@ def print_nprobe_curve(index: dict) -> None:
     for point in index["nprobe_curve"]:
         mark = "  <- built with" if point["nprobe"] == index["nprobe"] else ""
         print(f"  {point['nprobe']:>6}  {point['ann_recall@10']:>18.4f}  {point['batched_ms_per_query']:>18.4f}{mark}")
+    if index.get("refine_curve"):
+        print("  refine (x k candidates re-ranked exactly)  recall@10 vs exact  ms/query (batched)")
+        built = index.get("params", {}).get("ivf_refine")
+        for point in index["refine_curve"]:
+            mark = "  <- built with" if point["refine"] == built else ""
+            print(f"  {point['refine']:>6}  {point['ann_recall@10']:>37.4f}  "
+                  f"{point['batched_ms_per_query']:>18.4f}{mark}")
 
 
 def _index(args: argparse.Namespace) -> int:
