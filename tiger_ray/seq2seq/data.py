@@ -18,6 +18,11 @@ plus offsets (``TokenizedExamples``, no Python objects per example), and each ep
 
 Everything is a function of (seed, epoch), so every rank computes the same plan without talking to
 the others, and a resumed run replays exactly the batches it had not yet seen.
+
+All-positions training (``training_mode="all_positions"``) groups the same examples into windows
+(``training_windows``, ``TrainingWindows``): one source per window, read once by the item-causal
+encoder, and its examples' targets with the source prefix each may read. Batches are then cut by
+examples, not rows, so ``batch_size`` means the same in both modes.
 """
 
 from __future__ import annotations
