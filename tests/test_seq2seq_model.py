@@ -220,10 +220,97 @@ def test_model_learns_a_fixed_mapping(tok):
     assert loss.item() < 0.2 * first
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_save_load_round_trip(tmp_path, tok, tie):
+# ---- item-causal encoder (all-positions training) -------------------------------------------
+def causal_model(vocab_size: int) -> TigerSeq2Seq:
     torch.manual_seed(0)
-    config = tiny_config(tok.vocab_size, tie_embeddings=tie)
+    return TigerSeq2Seq(tiny_config(vocab_size, encoder_attention="item_causal")).eval()
+
+
+def window(tok, n_items=5, seed=0):
+    """One user's window: the source of ``n_items`` items and, for every target k (the item after
+    the first k + 1), its BOS-shifted tokens and the source tokens it may read."""
+    rng = np.random.default_rng(seed)
+    items = rng.integers(1, 61, n_items + 1)
+    source, pad = tok.encode_batch([items[:-1]], np.array([3]))
+    target = tok.item_tokens(items[1:])[None]  # [1, K, 4]
+    target_in = np.concatenate([np.full((1, n_items, 1), BOS), target[..., :3]], axis=-1)
+    lead = int(tok.use_user_token)
+    visible = lead + 4 * np.arange(1, n_items + 1)[None]
+    return items, *(torch.from_numpy(a) for a in (source, pad, target_in, target, visible))
+
+
+@pytest.mark.parametrize("use_user_token", [True, False])
+def test_item_causal_encoder_hides_later_items(tok, use_user_token):
+    tok = SemanticIdTokenizer(tok.semantic_ids, num_user_buckets=50, max_history=5,
+                              use_user_token=use_user_token)
+    model = causal_model(tok.vocab_size)
+    items, source, pad, _, _, _ = window(tok)
+    memory = model.encode(source, pad)
+    lead = int(use_user_token)
+    for i in range(len(items) - 1):  # change item i: tokens of items < i (and the user token) stay
+        changed = items[:-1].copy()
+        changed[i] = changed[i] % 60 + 1
+        other = model.encode(torch.from_numpy(tok.encode_batch([changed], np.array([3]))[0]), pad)
+        cut = lead + 4 * i
+        torch.testing.assert_close(other[:, :cut], memory[:, :cut])
+        assert (other[:, cut:] - memory[:, cut:]).abs().amax(-1).min() > 1e-4  # all later ones see it
+
+
+def test_item_causal_prefix_encodes_like_the_history_alone(tok):
+    """What makes all-positions training exact: the encoding of a history's first k items equals
+    the encoding of those k items as the whole source, as at inference (padding included)."""
+    model = causal_model(tok.vocab_size)
+    rng = np.random.default_rng(2)
+    histories = [rng.integers(1, 61, n) for n in (5, 2, 4)]
+    source, pad = (torch.from_numpy(a) for a in tok.encode_batch(histories, np.arange(3)))
+    memory = model.encode(source, pad)
+    for r, h in enumerate(histories):
+        for k in range(1, len(h) + 1):
+            alone = torch.from_numpy(tok.encode_history(h[:k], r))[None]
+            torch.testing.assert_close(memory[r:r + 1, :alone.shape[1]],
+                                       model.encode(alone, alone == PAD), atol=1e-5, rtol=1e-5)
+
+
+def test_all_positions_logits_equal_each_example_decoded_alone(tok):
+    """Target k of a window, reading its ``visible`` prefix, gets the logits of (its history ->
+    it) encoded and decoded on its own; the loss of target t ignores items >= t."""
+    model = causal_model(tok.vocab_size)
+    items, source, pad, target_in, target, visible = window(tok)
+    logits = model(source, pad, target_in, visible)  # [1, K, 4, V]
+    for k in range(len(items) - 1):
+        alone = torch.from_numpy(tok.encode_history(items[:k + 1], 3))[None]
+        torch.testing.assert_close(logits[:, k], model(alone, alone == PAD, target_in[:, k]),
+                                   atol=1e-5, rtol=1e-5)
+
+    def target_losses(source):
+        out = model(source, pad, target_in, visible)
+        return torch.nn.functional.cross_entropy(out.flatten(0, -2), target.flatten(),
+                                                 reduction="none").view(-1, 4).sum(1)
+
+    losses = target_losses(source)
+    for t in range(1, len(items) - 1):  # change the source items t, t + 1, ...
+        changed = items[:-1].copy()
+        changed[t:] = changed[t:] % 60 + 1
+        new = target_losses(torch.from_numpy(tok.encode_batch([changed], np.array([3]))[0]))
+        # slot k predicts items[k + 1] from items[:k + 1]: untouched while k < t (target items[t]
+        # and before), changed from there on
+        torch.testing.assert_close(new[:t], losses[:t])
+        assert (new[t:] - losses[t:]).abs().min() > 1e-5
+
+
+def test_visible_prefixes_need_the_item_causal_encoder(tok):
+    torch.manual_seed(0)
+    model = TigerSeq2Seq(tiny_config(tok.vocab_size)).eval()
+    _, source, pad, target_in, _, visible = window(tok)
+    with pytest.raises(ValueError, match="item_causal"):
+        model(source, pad, target_in, visible)
+
+
+@pytest.mark.parametrize("tie, attention", [(False, "bidirectional"), (True, "bidirectional"),
+                                            (False, "item_causal")])
+def test_save_load_round_trip(tmp_path, tok, tie, attention):
+    torch.manual_seed(0)
+    config = tiny_config(tok.vocab_size, tie_embeddings=tie, encoder_attention=attention)
     model = TigerSeq2Seq(config).eval()
     save_model(tmp_path / "best", model, config, tok, extra={"step": 7})
     loaded, tok2 = load_model(tmp_path / "best")

@@ -211,6 +211,29 @@ def test_loss_decreases_and_validation_runs(tiny, optimizer):
     assert 0.0 < evals[-1]["val_coverage@10"] <= 1.0
 
 
+def test_all_positions_mode_trains_the_item_causal_model_on_windows(tiny):
+    """One epoch over all-positions windows trains on exactly the per-example examples, in
+    batches of about batch_size of them; validation decodes from histories as before."""
+    from tiger_ray.seq2seq.data import TrainingWindows, training_windows
+
+    config, tokenizer, train, valid, sequences = tiny
+    config = dataclasses.replace(config, training_mode="all_positions", max_steps=1000,
+                                 max_epochs=3, eval_every=1000)
+    windows = TrainingWindows.from_arrays(training_windows(
+        sequences.user_ids, sequences.offsets, sequences.flat, tokenizer))
+    trainer, summary = train_local(config, tokenizer, windows, valid)
+    assert trainer.model.config.encoder_attention == "item_causal"
+    assert summary["stop_reason"] == "max_epochs" and summary["examples_seen"] == 3 * len(train)
+    per_epoch = summary["steps"] / 3  # batches of batch_size examples, not of windows
+    assert len(train) / config.batch_size <= per_epoch <= len(train) / config.batch_size + 2
+    epochs = [r for r in trainer.history if r["event"] == "epoch"]
+    assert epochs[-1]["loss"] < 0.75 * epochs[0]["loss"]
+    assert 0.0 <= summary["best_val_recall@10"] <= 1.0
+    # A bidirectional model cannot train on windows: earlier targets would see later items.
+    with pytest.raises(ValueError, match="item_causal"):
+        train_local(dataclasses.replace(config, training_mode="per_example"), tokenizer, windows, valid)
+
+
 def test_resume_from_a_checkpoint_continues_exactly(tiny):
     config, tokenizer, train, valid, _ = tiny
     config = dataclasses.replace(config, max_steps=40, eval_every=20, dropout=0.1, patience=0)

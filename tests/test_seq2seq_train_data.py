@@ -13,8 +13,9 @@ import pytest
 from tiger_ray.data.schema import read_sequences
 from tiger_ray.data.split import build_examples
 from tiger_ray.seq2seq.cold_start import exclude_from_training, select_cold_items
-from tiger_ray.seq2seq.data import (ExampleBuilder, StreamedBatches, TokenizedExamples,
-                                    examples_from_columns, tokenize_examples, training_examples,
+from tiger_ray.seq2seq.data import (ExampleBuilder, InMemoryBatches, StreamedBatches,
+                                    TokenizedExamples, TrainingWindows, examples_from_columns,
+                                    tokenize_examples, training_examples, training_windows,
                                     user_slices)
 from tiger_ray.seq2seq.presets import PRESETS, Seq2SeqTrainConfig
 from tiger_ray.seq2seq.tokenizer import PAD, SemanticIdTokenizer
@@ -56,6 +57,91 @@ def test_training_examples_equal_build_examples_then_tokenize(synthetic_run, max
         assert len(want) < len(build_examples(sequences, "train"))
 
 
+def window_pairs(columns, tokenizer) -> list[tuple[int, tuple, int]]:
+    """(user, history items, target item) of every filled slot of all-positions windows, read
+    back from the tokens: the history is the ``visible`` source prefix the slot's decoder reads."""
+    lead = int(tokenizer.use_user_token)
+    pairs = []
+    for w, user in enumerate(columns["user_id"]):
+        source = columns["source"][w]
+        if lead:
+            assert source[0] == tokenizer.user_token(np.array([user]))[0]
+        for j in np.flatnonzero(columns["visible"][w]):
+            history = tokenizer.items_from_tokens(source[lead:columns["visible"][w, j]].reshape(-1, 4))
+            target = tokenizer.items_from_tokens(columns["targets"][w, j])
+            pairs.append((int(user), tuple(history.tolist()), int(target)))
+    return pairs
+
+
+@pytest.mark.parametrize("max_history", [3, 20])
+@pytest.mark.parametrize("cold_fraction", [0.0, 0.3])
+@pytest.mark.parametrize("use_user_token", [True, False])
+def test_windows_hold_exactly_the_per_example_examples(synthetic_run, max_history, cold_fraction,
+                                                       use_user_token):
+    """All-positions training sees every (history, target) pair of per-example training, with the
+    same max_history window and cold-start exclusions, once and in the same order; a window's
+    source is its last example's history, so earlier examples read a prefix of it."""
+    sids = write_topic_semantic_ids(synthetic_run)
+    tokenizer = SemanticIdTokenizer(sids, num_user_buckets=16, use_user_token=use_user_token,
+                                    max_history=max_history)
+    sequences = read_sequences(synthetic_run.sequences)
+    cold = select_cold_items(sequences, cold_fraction, 0) if cold_fraction else None
+    examples = build_examples(sequences, "train", max_history)
+    if cold is not None:
+        examples = exclude_from_training(examples, cold)
+    want = [(int(examples.user_ids[i]), tuple(examples.history(i).tolist()), int(examples.targets[i]))
+            for i in range(len(examples))]
+    windows = training_windows(sequences.user_ids, sequences.offsets, sequences.flat, tokenizer, cold)
+    assert window_pairs(windows, tokenizer) == want
+    sizes = (windows["visible"] > 0).sum(1)
+    assert windows["targets"].shape == (len(sizes), max_history, 4) and sizes.min() >= 1
+    assert (windows["targets"][windows["visible"] == 0] == PAD).all()
+    lead = int(use_user_token)
+    last = windows["visible"][np.arange(len(sizes)), sizes - 1]
+    np.testing.assert_array_equal(last, windows["source_len"])  # the last example reads it all
+    if max_history == 20:  # synthetic users have 5-12 items: one window each
+        assert len(sizes) == len(np.unique(windows["user_id"])) < 0.3 * len(want)
+    else:  # a user's first 3 targets share a window, every later one has its own
+        assert sizes.max() == 3 and (windows["source_len"] <= lead + 4 * 3).all()
+        assert len(sizes) > len(np.unique(windows["user_id"]))
+
+
+def test_window_batches_cover_every_example_once_in_about_batch_size_examples(synthetic_run):
+    sids = write_topic_semantic_ids(synthetic_run)
+    tokenizer = SemanticIdTokenizer(sids, num_user_buckets=16, max_history=4)
+    s = read_sequences(synthetic_run.sequences)
+    windows = TrainingWindows.from_arrays(training_windows(s.user_ids, s.offsets, s.flat, tokenizer))
+    examples = tokenize_examples(build_examples(s, "train", 4), tokenizer)
+
+    def token_pairs(batches):
+        pairs = []
+        for b in batches:
+            source, target = b.source.numpy(), b.target_out.numpy()
+            if b.visible is None:
+                lengths = (~b.source_pad).sum(1).numpy()
+                pairs += [(tuple(source[r, :lengths[r]]), tuple(target[r])) for r in range(len(b))]
+                continue
+            for r, k in zip(*np.nonzero(target[..., 0] != PAD)):
+                pairs.append((tuple(source[r, :b.visible[r, k]]), tuple(target[r, k])))
+        return sorted(pairs)
+
+    args = dict(seed=0, chunk_batches=2, world_size=2, pad_id=PAD, bos_id=tokenizer.bos_id)
+    for rank in (0, 1):  # each rank's share of every global batch
+        ours = InMemoryBatches(windows, 24, rank=rank, **args)
+        theirs = InMemoryBatches(examples, 24, rank=rank, **args)
+        got = list(ours.epoch(0))
+        assert all(b.visible is not None and b.target_in.shape == b.target_out.shape for b, _ in got)
+        global_examples = np.sort([n for _, n in got])  # 24, give or take a window (4 examples)
+        assert global_examples[1:].min() > 24 - 4 and global_examples.max() < 24 + 12 + 4
+        assert global_examples.sum() == len(examples)
+        if rank == 0:
+            mine = token_pairs(b for b, _ in got)
+        else:  # both ranks together: every example once, as per-example batches hold them
+            assert sorted(mine + token_pairs(b for b, _ in got)) == sorted(
+                token_pairs(b for b, _ in InMemoryBatches(examples, 24, rank=0, **args).epoch(0))
+                + token_pairs(b for b, _ in theirs.epoch(0)))
+
+
 def test_example_builder_on_arrow_batches_matches_the_whole_table(synthetic_run):
     """Any cut of the users into batches gives the same rows in order."""
     sids = write_topic_semantic_ids(synthetic_run)
@@ -66,6 +152,12 @@ def test_example_builder_on_arrow_batches_matches_the_whole_table(synthetic_run)
     parts = [builder.examples(table.slice(lo, 17)) for lo in range(0, table.num_rows, 17)]
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     assert_same_examples(examples_from_columns(merged), reference(sequences, tokenizer, np.array([3, 7])))
+    builder = ExampleBuilder(lambda: tokenizer, cold_items=np.array([3, 7]), windows=True)
+    parts = [builder.examples(table.slice(lo, 17)) for lo in range(0, table.num_rows, 17)]
+    want = training_windows(sequences.user_ids, sequences.offsets, sequences.flat, tokenizer,
+                            np.array([3, 7]))
+    for k, column in want.items():
+        np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), column, err_msg=k)
 
 
 def test_too_short_users_are_an_error(synthetic_run):
@@ -120,6 +212,27 @@ def test_streamed_batches_cover_the_shard_once_bucketed_and_padded_to_the_batch(
     assert np.mean(spread) < 0.5 * np.mean(unsorted)
     # Skipping (a resume mid-epoch) drops that many batches from the front.
     assert len(list(stream.epoch(1, skip=3))) == len(batches) - 3
+
+
+def test_streamed_windows_come_in_batches_of_about_batch_size_examples(synthetic_run):
+    sids = write_topic_semantic_ids(synthetic_run)
+    tok = SemanticIdTokenizer(sids, num_user_buckets=16, max_history=8)
+    s = read_sequences(synthetic_run.sequences)
+    cols = training_windows(s.user_ids, s.offsets, s.flat, tok)
+    stream = StreamedBatches(FakeShard(cols), 16, chunk_batches=2, seed=0, rank=0, pad_id=PAD,
+                             bos_id=tok.bos_id)
+    got = list(stream.epoch(0))
+    assert sum(len(b) for b, _ in got) == len(cols["source_len"])  # every window once
+    examples = np.sort([n for _, n in got])
+    assert examples.sum() == (cols["visible"] > 0).sum() and examples[-1] == max(b.examples for b, _ in got)
+    # 16 give or take a window (8), or a chunk's tail: at least half a batch, or merged
+    assert examples[1:].min() >= 16 // 2 and examples.max() < 16 + 8 + 16 // 2
+    assert abs(np.median(examples) - 16) <= 1
+    for b, _ in got:  # slots: as many as the batch's fullest window; the empty ones read it all
+        filled = b.target_out[..., 0] != PAD
+        assert filled.sum(1).max() == b.target_out.shape[1] == b.visible.shape[1]
+        lengths = (~b.source_pad).sum(1, keepdim=True).expand_as(b.visible)
+        assert (b.visible[~filled] == lengths[~filled]).all() and (b.visible <= lengths).all()
 
 
 def test_streamed_batches_stop_where_the_shortest_rank_does(columns):

@@ -18,6 +18,11 @@ plus offsets (``TokenizedExamples``, no Python objects per example), and each ep
 
 Everything is a function of (seed, epoch), so every rank computes the same plan without talking to
 the others, and a resumed run replays exactly the batches it had not yet seen.
+
+All-positions training (``training_mode="all_positions"``) groups the same examples into windows
+(``training_windows``, ``TrainingWindows``): one source per window, read once by the item-causal
+encoder, and its examples' targets with the source prefix each may read. Batches are then cut by
+examples, not rows, so ``batch_size`` means the same in both modes.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy as np
 import torch
 
 from tiger_ray.data.split import MIN_SEQUENCE_LENGTH, Examples
+from tiger_ray.seq2seq.tokenizer import PAD
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,48 @@ def tokenize_examples(examples: Examples, tokenizer, chunk_size: int = 8192) -> 
 
 # ---------------------------------------------------------------- users -> example rows (Ray Data)
 
+def _kept_examples(user_ids: np.ndarray, offsets: np.ndarray, flat: np.ndarray, max_history: int,
+                   cold_items: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    """The training examples of users, in ``build_examples`` order (user by user, shortest prefix
+    first), after the max_history cut and the cold-item exclusion: (user_row, start, target_at,
+    histories), where ``start``/``target_at`` index ``flat`` (the history window begins at
+    ``start``, before the exclusion) and histories are item arrays."""
+    lengths = np.diff(offsets)
+    short = np.flatnonzero(lengths < MIN_SEQUENCE_LENGTH)
+    if len(short):
+        raise ValueError(f"{len(short)} users have fewer than {MIN_SEQUENCE_LENGTH} items and cannot "
+                         f"be split leave-one-out (e.g. user_id {int(user_ids[short[0]])})")
+    # Training part s_1..s_{n-2}; example t (1-based target position) predicts s_{t+1} from s_1..s_t.
+    per_user = lengths - MIN_SEQUENCE_LENGTH
+    user_row = np.repeat(np.arange(len(lengths)), per_user)
+    first = np.cumsum(per_user) - per_user
+    t = np.arange(len(user_row), dtype=np.int64) - np.repeat(first, per_user) + 1
+    base = offsets[user_row]
+    target_at = base + t
+    start = base + np.maximum(0, t - max_history)  # the max_history cut comes first
+    keep_item = np.ones(len(flat), dtype=bool)
+    if cold_items is not None and len(cold_items):
+        keep_item = ~np.isin(flat, np.asarray(cold_items, dtype=np.int64))
+    before = np.zeros(len(flat) + 1, dtype=np.int64)  # kept items in flat[:i]
+    np.cumsum(keep_item, out=before[1:])
+    counts = before[target_at] - before[start]
+    keep = keep_item[target_at] & (counts > 0)
+    start, counts, target_at, user_row = start[keep], counts[keep], target_at[keep], user_row[keep]
+    kept_positions = np.flatnonzero(keep_item)
+    history_flat = flat[kept_positions[_ranges(before[start], counts)]]
+    histories = np.split(history_flat, np.cumsum(counts)[:-1]) if len(counts) else []
+    return user_row, start, target_at, histories
+
+
+def _encode_sources(tokenizer, histories: list, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sources right-padded to the fixed width max_source_len: (source int32, source_len int32)."""
+    width = tokenizer.max_source_len
+    if not len(histories):
+        return np.zeros((0, width), np.int32), np.zeros(0, np.int32)
+    source, pad = tokenizer.encode_batch(histories, users, pad_to=width)
+    return source.astype(np.int32), (~pad).sum(axis=1).astype(np.int32)
+
+
 def training_examples(user_ids: np.ndarray, offsets: np.ndarray, flat: np.ndarray, tokenizer,
                       cold_items: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The training examples of a batch of users as fixed-width columns, in ``build_examples``
@@ -119,43 +167,94 @@ def training_examples(user_ids: np.ndarray, offsets: np.ndarray, flat: np.ndarra
     cold items), found with array arithmetic instead of a loop over examples.
     """
     user_ids = np.asarray(user_ids, dtype=np.int64)
-    offsets = np.asarray(offsets, dtype=np.int64)
     flat = np.asarray(flat, dtype=np.int64)
-    lengths = np.diff(offsets)
-    short = np.flatnonzero(lengths < MIN_SEQUENCE_LENGTH)
-    if len(short):
-        raise ValueError(f"{len(short)} users have fewer than {MIN_SEQUENCE_LENGTH} items and cannot "
-                         f"be split leave-one-out (e.g. user_id {int(user_ids[short[0]])})")
-    # Training part s_1..s_{n-2}; example t (1-based target position) predicts s_{t+1} from s_1..s_t.
-    per_user = lengths - MIN_SEQUENCE_LENGTH
-    user_row = np.repeat(np.arange(len(lengths)), per_user)
-    first = np.cumsum(per_user) - per_user
-    t = np.arange(len(user_row), dtype=np.int64) - np.repeat(first, per_user) + 1
-    base = offsets[user_row]
-    target_at = base + t
-    start = base + np.maximum(0, t - tokenizer.max_history)  # the max_history cut comes first
-    keep_item = np.ones(len(flat), dtype=bool)
-    if cold_items is not None and len(cold_items):
-        keep_item = ~np.isin(flat, np.asarray(cold_items, dtype=np.int64))
-    before = np.zeros(len(flat) + 1, dtype=np.int64)  # kept items in flat[:i]
-    np.cumsum(keep_item, out=before[1:])
-    counts = before[target_at] - before[start]
-    keep = keep_item[target_at] & (counts > 0)
-    start, counts, target_at, user_row = start[keep], counts[keep], target_at[keep], user_row[keep]
-    kept_positions = np.flatnonzero(keep_item)
-    history_flat = flat[kept_positions[_ranges(before[start], counts)]]
-    histories = np.split(history_flat, np.cumsum(counts)[:-1]) if len(counts) else []
+    user_row, _, target_at, histories = _kept_examples(
+        user_ids, np.asarray(offsets, dtype=np.int64), flat, tokenizer.max_history, cold_items)
     users = user_ids[user_row]
-    width = tokenizer.max_source_len
-    if len(histories):
-        source, pad = tokenizer.encode_batch(histories, users, pad_to=width)
-    else:
-        source, pad = np.zeros((0, width), np.int64), np.zeros((0, width), bool)
+    source, source_len = _encode_sources(tokenizer, histories, users)
     targets = np.asarray(tokenizer.item_tokens(flat[target_at]), dtype=np.int32)
-    return {"source": source.astype(np.int32),
-            "source_len": (~pad).sum(axis=1).astype(np.int32),
+    return {"source": source, "source_len": source_len,
             "targets": targets.reshape(len(target_at), tokenizer.tokens_per_item),
             "user_id": users}
+
+
+def training_windows(user_ids: np.ndarray, offsets: np.ndarray, flat: np.ndarray, tokenizer,
+                     cold_items: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """``training_examples``' examples grouped into all-positions windows, for the item-causal
+    encoder: one window is encoded once and trains all its examples.
+
+    Examples whose history window starts at the same item share a window: a user's first
+    max_history targets (their histories all start at the user's first item) form one, and every
+    later target (history: the max_history items before it) a window of its own. The window's
+    source is its last example's history; every other example's history is a prefix of it, and
+    the item-causal encoder encodes a prefix exactly as that history alone (as at inference), so
+    each example is trained on precisely the view it has in per-example training. Columns:
+
+        source, source_len, user_id   as in ``training_examples``, one per window
+        targets  [W, max_history, tokens_per_item] int32, the window's examples' targets in
+                 order, then PAD
+        visible  [W, max_history] int32, source tokens example j reads (its history), then 0
+
+    (Beauty: users have ~9 items, so a window holds ~6 examples; few users pass max_history.)
+    """
+    user_ids = np.asarray(user_ids, dtype=np.int64)
+    flat = np.asarray(flat, dtype=np.int64)
+    user_row, start, target_at, histories = _kept_examples(
+        user_ids, np.asarray(offsets, dtype=np.int64), flat, tokenizer.max_history, cold_items)
+    n, per_item = len(target_at), tokenizer.tokens_per_item
+    new = np.ones(n, dtype=bool)
+    new[1:] = start[1:] != start[:-1]  # examples come user by user, window starts ascending
+    window = np.cumsum(new) - 1
+    first = np.flatnonzero(new)
+    last = np.r_[first[1:], n][:len(first)] - 1
+    slot = np.arange(n) - first[window]
+    W, width = len(first), tokenizer.max_history
+    targets = np.full((W, width, per_item), PAD, dtype=np.int32)
+    targets[window, slot] = tokenizer.item_tokens(flat[target_at]).reshape(n, per_item)
+    visible = np.zeros((W, width), dtype=np.int32)
+    history_len = np.fromiter((len(h) for h in histories), dtype=np.int64, count=n)
+    visible[window, slot] = int(tokenizer.use_user_token) + per_item * history_len
+    users = user_ids[user_row[first]]
+    source, source_len = _encode_sources(tokenizer, [histories[i] for i in last], users)
+    return {"source": source, "source_len": source_len, "targets": targets, "visible": visible,
+            "user_id": users}
+
+
+def examples_per_window(visible: np.ndarray) -> np.ndarray:
+    """[W] examples of each all-positions window (its non-zero ``visible`` slots)."""
+    return (np.asarray(visible) > 0).sum(axis=1)
+
+
+@dataclass(frozen=True)
+class TrainingWindows:
+    """``training_windows``' columns held in memory (one-process training)."""
+
+    source: np.ndarray  # [W, max_source_len] int32, right-padded with PAD
+    source_len: np.ndarray  # [W]
+    targets: np.ndarray  # [W, max_history, tokens_per_item] int32, PAD after the examples
+    visible: np.ndarray  # [W, max_history] int32, source tokens each example reads, then 0
+    user_id: np.ndarray  # [W] int64
+
+    def __len__(self) -> int:
+        return len(self.source_len)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.source_len
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return examples_per_window(self.visible)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {f: getattr(self, f) for f in WINDOW_COLUMNS}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "TrainingWindows":
+        return cls(**{f: np.asarray(arrays[f]) for f in WINDOW_COLUMNS})
+
+
+WINDOW_COLUMNS = ("source", "source_len", "targets", "visible", "user_id")
 
 
 def examples_from_columns(columns: dict[str, np.ndarray]) -> TokenizedExamples:
@@ -191,13 +290,15 @@ class ExampleBuilder:
     Ray Data builds it once per actor, so the tokenizer (a lookup table over the whole catalog) is
     loaded once per actor, not once per batch. ``make_tokenizer`` is called there (a picklable
     zero-argument callable, e.g. a ``functools.partial``). It reads the row groups itself
-    (``row_group_slices`` says why not ``ray.data.read_parquet``)."""
+    (``row_group_slices`` says why not ``ray.data.read_parquet``). ``windows``: all-positions
+    windows (``training_windows``) instead of one row per example."""
 
     def __init__(self, make_tokenizer: Callable[[], object], cold_items: np.ndarray | None = None,
-                 users_per_batch: int = 1024):
+                 users_per_batch: int = 1024, windows: bool = False):
         self.tokenizer = make_tokenizer()
         self.cold_items = None if cold_items is None else np.asarray(cold_items, dtype=np.int64)
         self.users_per_batch = users_per_batch
+        self.rows = training_windows if windows else training_examples
 
     def __call__(self, slices: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         from tiger_ray.evaluation.retrieval import read_slices
@@ -211,9 +312,9 @@ class ExampleBuilder:
         if hasattr(items, "combine_chunks"):
             items = items.combine_chunks()
         offsets = items.offsets.to_numpy().astype(np.int64)
-        return training_examples(users.column("user_id").to_numpy().astype(np.int64),
-                                 offsets - offsets[0], items.flatten().to_numpy(),
-                                 self.tokenizer, self.cold_items)
+        return self.rows(users.column("user_id").to_numpy().astype(np.int64),
+                         offsets - offsets[0], items.flatten().to_numpy(), self.tokenizer,
+                         self.cold_items)
 
 
 # ---------------------------------------------------------------- batching
@@ -222,14 +323,42 @@ def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch])
 
 
-def bucketed_batches(lengths: np.ndarray, batch_size: int, *, seed: int, epoch: int,
-                     chunk_batches: int = 64, min_batch_size: int = 1) -> list[np.ndarray]:
-    """One epoch of global batches (arrays of example indices) covering every example once.
+def _cut(index: np.ndarray, sizes: np.ndarray, size: int) -> list[np.ndarray]:
+    """``index`` cut in order into runs of ``size`` examples (``sizes``: examples of each row);
+    a row goes to the run its last example falls in, so a run is ``size`` give or take a row."""
+    if not len(index):
+        return []
+    run = (np.cumsum(sizes) - 1) // size
+    return np.split(index, np.flatnonzero(np.diff(run)) + 1)
 
-    Examples are shuffled, cut into chunks of ``chunk_batches * batch_size``, sorted by length
-    inside a chunk and cut into batches; the batch order is then shuffled. Only the last batch
-    can be short; if it has fewer than ``min_batch_size`` examples (pass the world size, so no
-    rank is ever left without a row) it joins the batch before it.
+
+def _chunk_batches(chunk: np.ndarray, lengths: np.ndarray, sizes: np.ndarray, batch_size: int,
+                   last: bool) -> list[np.ndarray]:
+    """A chunk of rows sorted by source length, then by examples per row (windows of one length
+    batch with their like: fewer empty target slots), stably, so the random order survives among
+    equals; cut into batches of ``batch_size`` examples. Windows leave a chunk's example count
+    uneven: unless the chunk is the epoch's last, a tail under half a batch joins the batch
+    before it (rows of one example fill every chunk but the last exactly)."""
+    chunk = chunk[np.lexsort((sizes[chunk], lengths[chunk]))]
+    batches = _cut(chunk, sizes[chunk], batch_size)
+    if not last and len(batches) > 1 and sizes[batches[-1]].sum() < batch_size / 2:
+        tail = batches.pop()
+        batches[-1] = np.concatenate([batches[-1], tail])
+    return batches
+
+
+def bucketed_batches(lengths: np.ndarray, batch_size: int, *, seed: int, epoch: int,
+                     chunk_batches: int = 64, min_batch_size: int = 1,
+                     sizes: np.ndarray | None = None) -> list[np.ndarray]:
+    """One epoch of global batches (arrays of row indices) covering every row once.
+
+    Rows are shuffled, cut into chunks of ``chunk_batches * batch_size`` examples, sorted by
+    length inside a chunk and cut into batches of ``batch_size`` examples (``_chunk_batches``);
+    the batch order is then shuffled. A row is one example unless ``sizes`` says how many it
+    holds (all-positions windows): batches then hold ``batch_size`` examples give or take a
+    window (or half a batch, where a chunk's tail joined them). Only the last batch can be
+    short; if it has fewer than ``min_batch_size`` rows (pass the world size, so no rank is ever
+    left without a row) it joins the batch before it.
     """
     if batch_size < 1 or chunk_batches < 1:
         raise ValueError(f"batch_size and chunk_batches must be >= 1, got {batch_size}, {chunk_batches}")
@@ -237,16 +366,14 @@ def bucketed_batches(lengths: np.ndarray, batch_size: int, *, seed: int, epoch: 
     if n == 0:
         return []
     if n < min_batch_size:
-        raise ValueError(f"{n} examples cannot feed {min_batch_size} ranks")
+        raise ValueError(f"{n} rows cannot feed {min_batch_size} ranks")
+    sizes = np.ones(n, dtype=np.int64) if sizes is None else np.asarray(sizes, dtype=np.int64)
     rng = epoch_rng(seed, epoch)
     order = rng.permutation(n)
-    chunk = batch_size * chunk_batches
+    chunks = _cut(order, sizes[order], batch_size * chunk_batches)
     batches: list[np.ndarray] = []
-    for lo in range(0, n, chunk):
-        part = order[lo:lo + chunk]
-        # Stable sort keeps the random order among equal lengths.
-        part = part[np.argsort(lengths[part], kind="stable")]
-        batches.extend(part[i:i + batch_size] for i in range(0, len(part), batch_size))
+    for i, chunk in enumerate(chunks):
+        batches.extend(_chunk_batches(chunk, lengths, sizes, batch_size, last=i == len(chunks) - 1))
     if len(batches) > 1 and len(batches[-1]) < min_batch_size:
         tail = batches.pop()
         batches[-1] = np.concatenate([batches[-1], tail])
@@ -269,19 +396,34 @@ class Batch:
     source_pad: torch.Tensor  # [B, S] bool, True at padding
     target_in: torch.Tensor  # [B, T] BOS + the first T-1 target tokens (teacher forcing)
     target_out: torch.Tensor  # [B, T] the T target tokens
+    # All-positions windows: targets are [B, K, T] (K example slots, PAD in empty ones) and
+    # visible [B, K] says how many source tokens each slot reads.
+    visible: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.source.shape[0]
 
     @property
+    def examples(self) -> int:
+        """(history, target) examples trained on: rows, or the filled slots of windows."""
+        if self.visible is None:
+            return len(self)
+        return int((self.target_out[..., 0] != PAD).sum())
+
+    @property
     def num_tokens(self) -> int:
-        return int((~self.source_pad).sum()) + self.target_out.numel()
+        return int((~self.source_pad).sum()) + int((self.target_out != PAD).sum())
+
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        """The model's arguments: (source, source_pad, target_in[, visible])."""
+        plain = (self.source, self.source_pad, self.target_in)
+        return plain if self.visible is None else (*plain, self.visible)
 
     def to(self, device: torch.device) -> "Batch":
         if device.type == "cpu":
             return self
-        return Batch(*(t.to(device, non_blocking=True) for t in
-                       (self.source, self.source_pad, self.target_in, self.target_out)))
+        return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in
+                       (self.source, self.source_pad, self.target_in, self.target_out, self.visible)))
 
 
 def pad_sources(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
@@ -303,14 +445,20 @@ def collate(data: TokenizedExamples, index: np.ndarray, *, pad_id: int, bos_id: 
     lengths = data.source_offsets[index + 1] - starts
     tokens, pad = pad_sources(data.source_flat, starts, lengths, pad_id)
     target_out = data.targets[index].astype(np.int64)
-    target_in = np.empty_like(target_out)
-    target_in[:, 0] = bos_id
-    target_in[:, 1:] = target_out[:, :-1]
     return Batch(source=torch.from_numpy(tokens.astype(np.int64)), source_pad=torch.from_numpy(pad),
-                 target_in=torch.from_numpy(target_in), target_out=torch.from_numpy(target_out))
+                 target_in=torch.from_numpy(teacher_forcing(target_out, bos_id)),
+                 target_out=torch.from_numpy(target_out))
 
 
-def padding_fraction(data: TokenizedExamples, batches: list[np.ndarray]) -> float:
+def teacher_forcing(target_out: np.ndarray, bos_id: int) -> np.ndarray:
+    """Decoder inputs: BOS, then every target token but the last (along the last axis)."""
+    target_in = np.empty_like(target_out)
+    target_in[..., 0] = bos_id
+    target_in[..., 1:] = target_out[..., :-1]
+    return target_in
+
+
+def padding_fraction(data: "TokenizedExamples | TrainingWindows", batches: list[np.ndarray]) -> float:
     """Share of source positions that are padding over an epoch of batches (lower is better)."""
     lengths = data.lengths
     real = sum(int(lengths[b].sum()) for b in batches)
@@ -321,21 +469,24 @@ def padding_fraction(data: TokenizedExamples, batches: list[np.ndarray]) -> floa
 # ---------------------------------------------------------------- batch sources for the trainer
 
 class InMemoryBatches:
-    """One process's view of in-memory examples: ``bucketed_batches`` over all of them, this
-    rank's strided share of each global batch. A function of (seed, epoch): a resumed run
-    replays exactly the batches it had not yet seen."""
+    """One process's view of in-memory examples (or all-positions windows): ``bucketed_batches``
+    over all of them, this rank's strided share of each global batch. A function of (seed,
+    epoch): a resumed run replays exactly the batches it had not yet seen."""
 
-    def __init__(self, data: TokenizedExamples, batch_size: int, *, seed: int, chunk_batches: int,
-                 rank: int, world_size: int, pad_id: int, bos_id: int):
+    def __init__(self, data: TokenizedExamples | TrainingWindows, batch_size: int, *, seed: int,
+                 chunk_batches: int, rank: int, world_size: int, pad_id: int, bos_id: int):
         if len(data) < world_size:
-            raise ValueError(f"{len(data)} training examples cannot feed {world_size} workers")
+            raise ValueError(f"{len(data)} training rows cannot feed {world_size} workers")
         self.data, self.batch_size, self.seed, self.chunk_batches = data, batch_size, seed, chunk_batches
         self.rank, self.world_size, self.pad_id, self.bos_id = rank, world_size, pad_id, bos_id
         self.lengths = data.lengths
+        self.windows = isinstance(data, TrainingWindows)
+        self.sizes = data.sizes if self.windows else np.ones(len(data), dtype=np.int64)
 
     def plan(self, epoch: int) -> list[np.ndarray]:
         return bucketed_batches(self.lengths, self.batch_size, seed=self.seed, epoch=epoch,
-                                chunk_batches=self.chunk_batches, min_batch_size=self.world_size)
+                                chunk_batches=self.chunk_batches, min_batch_size=self.world_size,
+                                sizes=self.sizes)
 
     def batches_per_epoch(self) -> int:
         return len(self.plan(0))
@@ -344,22 +495,34 @@ class InMemoryBatches:
         """(this rank's batch, examples in the global batch) for the batches after the first ``skip``."""
         for index in self.plan(epoch)[skip:]:
             rows = shard_batch(index, self.rank, self.world_size)
-            yield collate(self.data, rows, pad_id=self.pad_id, bos_id=self.bos_id), len(index)
+            if self.windows:
+                batch = collate_rows(self.data.to_arrays(), rows, pad_id=self.pad_id, bos_id=self.bos_id)
+            else:
+                batch = collate(self.data, rows, pad_id=self.pad_id, bos_id=self.bos_id)
+            yield batch, int(self.sizes[index].sum())
 
 
 def collate_rows(rows: dict[str, np.ndarray], index: np.ndarray, *, pad_id: int, bos_id: int) -> Batch:
-    """``collate`` for fixed-width example rows: padding only up to this batch's longest source."""
+    """``collate`` for fixed-width example rows or all-positions windows (``training_windows``):
+    padding only up to this batch's longest source and, for windows, its fullest window."""
     lengths = rows["source_len"][index]
     width = int(lengths.max()) if len(index) else 0
     source = rows["source"][index, :width].astype(np.int64)  # right-padded with PAD already
     pad = np.arange(width)[None, :] >= lengths[:, None]
     source[pad] = pad_id
     target_out = rows["targets"][index].astype(np.int64)
-    target_in = np.empty_like(target_out)
-    target_in[:, 0] = bos_id
-    target_in[:, 1:] = target_out[:, :-1]
+    visible = None
+    if "visible" in rows:
+        visible = rows["visible"][index].astype(np.int64)
+        filled = visible > 0
+        slots = int(filled.sum(1).max()) if len(index) else 0  # slots fill from the first
+        # An empty slot reads the whole source (a query that may read nothing gives NaN); its
+        # PAD targets keep it out of the loss.
+        visible = torch.from_numpy(np.where(filled, visible, lengths[:, None])[:, :slots])
+        target_out = target_out[:, :slots]
     return Batch(source=torch.from_numpy(source), source_pad=torch.from_numpy(pad),
-                 target_in=torch.from_numpy(target_in), target_out=torch.from_numpy(target_out))
+                 target_in=torch.from_numpy(teacher_forcing(target_out, bos_id)),
+                 target_out=torch.from_numpy(target_out), visible=visible)
 
 
 class StreamedBatches:
@@ -368,7 +531,8 @@ class StreamedBatches:
     Length bucketing as in ``bucketed_batches``, within what streams by: the rows come in chunks
     of ``chunk_batches`` batches (after Ray Data's local shuffle buffer); a chunk is shuffled,
     sorted by source length (stable, so the shuffle survives among equal lengths) and cut into
-    batches, whose order is shuffled. ``batch_size`` is this rank's share of the global batch.
+    batches, whose order is shuffled. ``batch_size`` is this rank's share of the global batch, in
+    examples (all-positions windows, recognised by their ``visible`` column, hold several).
 
     DDP needs every rank to take the same number of steps. Ray Train splits the dataset with
     ``equal=True`` (every shard the same row count), and ``agree`` (the minimum over the ranks,
@@ -406,7 +570,7 @@ class StreamedBatches:
             local_shuffle_seed=None if self.shuffle_buffer is None else int(rng.integers(2**31))))
         while True:
             rows = next(chunks, None)
-            plan = [] if rows is None else self._plan(rows["source_len"], rng)
+            plan = [] if rows is None else self._plan(rows, rng)
             plan = plan[:self.agree(len(plan))]  # a collective: every rank, every chunk
             if not plan:
                 return
@@ -414,11 +578,13 @@ class StreamedBatches:
                 if skip > 0:
                     skip -= 1
                     continue
-                yield (collate_rows(rows, index, pad_id=self.pad_id, bos_id=self.bos_id),
-                       len(index) * self.world_size)
+                batch = collate_rows(rows, index, pad_id=self.pad_id, bos_id=self.bos_id)
+                yield batch, batch.examples * self.world_size
 
-    def _plan(self, lengths: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
-        order = rng.permutation(len(lengths))
-        order = order[np.argsort(lengths[order], kind="stable")]
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+    def _plan(self, rows: dict[str, np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+        lengths = rows["source_len"]
+        sizes = (examples_per_window(rows["visible"]) if "visible" in rows
+                 else np.ones(len(lengths), dtype=np.int64))
+        last = len(lengths) < self.batch_size * self.chunk_batches  # the stream's last chunk
+        batches = _chunk_batches(rng.permutation(len(lengths)), lengths, sizes, self.batch_size, last)
         return [batches[i] for i in rng.permutation(len(batches))]

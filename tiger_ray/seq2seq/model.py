@@ -11,6 +11,11 @@ d_model 128, MLP 1024, ReLU, dropout 0.1). Design choices, all for speed and sim
 - attention projects d_model -> heads x head_dim -> d_model (6 x 64 = 384 != 128 in the paper);
 - learned absolute positions; encoder positions count back from the newest token, so "the last
   item" has the same position whatever the history length or the padding side;
+- ``encoder_attention="item_causal"`` (all-positions training, ``data.training_windows``): a
+  token sees its own item, earlier items and the user token, and positions count forward from the
+  oldest token, so every prefix of a source is encoded exactly as if it were the whole source;
+  the decoder of target k then reads only the first ``visible[k]`` source tokens (its history),
+  so one encoder pass trains every target of a user;
 - decoding (``decode_step``): the cross-attention keys/values of the encoder output are computed
   once per user (``memory_kv``) and shared by all beams, which are folded into the query axis of
   the cross-attention, so nothing is copied per beam; self-attention keeps a k/v cache, so each
@@ -55,6 +60,19 @@ class Seq2SeqConfig:
     dropout_masks: DropoutMasks = field(default="auto", metadata={
         "help": "random_bits: masks from 16-bit slices of random words (p rounded to 1/65536); "
                 "bernoulli: F.dropout and SDPA's attention dropout; auto: random_bits on CPU"})
+    encoder_attention: Literal["bidirectional", "item_causal"] = field(default="bidirectional", metadata={
+        "help": "bidirectional: every source token sees all others (the paper); item_causal: its "
+                "own item, earlier items and the user token, positions counted from the oldest "
+                "token (all-positions training)"})
+
+
+def item_causal_mask(back: torch.Tensor, real: torch.Tensor, tokens_per_item: int) -> torch.Tensor:
+    """[B, 1, S, S] bool, True = attend: a query sees the real tokens of its own item and of older
+    ones. ``back`` [B, S] counts tokens back from the newest (0), so ``back // tokens_per_item``
+    numbers items from the newest whether or not a user token leads; the user token is then the
+    oldest "item", seen by all. Padding queries (back 0) see every real token, so no row is empty."""
+    item = torch.div(back, tokens_per_item, rounding_mode="floor")
+    return (real[:, None, :] & (item[:, None, :] >= item[:, :, None]))[:, None]
 
 
 def attention_with_dropout(q, k, v, mask, is_causal: bool, p: float) -> torch.Tensor:
@@ -204,9 +222,15 @@ class TigerSeq2Seq(nn.Module):
             raise ValueError(f"source length {source.shape[1]} > max_source_len {self.config.max_source_len}")
         real = ~source_pad
         # Position 0 = newest real token, counting back; padding (either side) gets position 0.
-        pos = (real.flip(1).cumsum(1).flip(1) - 1).clamp_(min=0)
+        back = (real.flip(1).cumsum(1).flip(1) - 1).clamp_(min=0)
+        if self.config.encoder_attention == "item_causal":
+            # Counted forward, a token's position does not depend on what follows it.
+            pos = (real.cumsum(1) - 1).clamp_(min=0)
+            mask = item_causal_mask(back, real, self.config.max_target_len - 1)  # BOS + an item
+        else:
+            pos = back
+            mask = real[:, None, None, :]  # [B, 1, 1, S] broadcast over heads and queries
         x = self.drop(self.embed(source) + self.source_pos(pos))
-        mask = real[:, None, None, :]  # [B, 1, 1, S] broadcast over heads and queries
         for layer in self.encoder:
             x = layer(x, mask)
         return self.encoder_norm(x)
@@ -217,9 +241,11 @@ class TigerSeq2Seq(nn.Module):
 
     # ---- decoder -----------------------------------------------------------------------------
     def decode(self, memory: torch.Tensor, source_pad: torch.Tensor, target_in: torch.Tensor,
-               memory_kv: list | None = None) -> torch.Tensor:
+               memory_kv: list | None = None, visible: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] for target_in [B, T] (teacher forcing), or [B, K, T, V] for K
-        sequences per source row [B, K, T] (e.g. scoring candidate IDs)."""
+        sequences per source row [B, K, T] (e.g. scoring candidate IDs, or all-positions
+        training). ``visible`` [B, K]: sequence k reads only the first visible[b, k] source tokens
+        (its history in an all-positions window; the item-causal encoder only)."""
         beams = target_in.dim() == 3
         if not beams:
             target_in = target_in[:, None, :]
@@ -230,6 +256,12 @@ class TigerSeq2Seq(nn.Module):
             memory_kv = self.memory_kv(memory)
         x = self.drop(self.embed(target_in) + self.target_pos.weight[:T])
         mask = (~source_pad)[:, None, None, :]
+        if visible is not None:
+            if self.config.encoder_attention != "item_causal":
+                raise ValueError("per-target visible prefixes need encoder_attention='item_causal': "
+                                 "a bidirectional encoder mixes later items into earlier tokens")
+            prefix = torch.arange(source_pad.shape[1], device=visible.device) < visible[..., None]
+            mask = mask & prefix.repeat_interleave(T, dim=1)[:, None]  # [B, 1, K*T, S], k-major
         for layer, kv in zip(self.decoder, memory_kv):
             x, _ = layer(x, kv, mask)
         logits = self.lm_head(self.decoder_norm(x))
@@ -260,13 +292,14 @@ class TigerSeq2Seq(nn.Module):
         """Keep cache rows ``index`` (flat beam ids into [B*K]), e.g. the parents of new beams."""
         return [(k.index_select(0, index), v.index_select(0, index)) for k, v in cache]
 
-    def forward(self, source, source_pad, target_in):
-        return self.decode(self.encode(source, source_pad), source_pad, target_in)
+    def forward(self, source, source_pad, target_in, visible=None):
+        return self.decode(self.encode(source, source_pad), source_pad, target_in, visible=visible)
 
-    def loss(self, source, source_pad, target_in, target_out) -> torch.Tensor:
-        """Mean token cross-entropy under teacher forcing (target_in = [BOS, t0, t1, t2])."""
-        logits = self.forward(source, source_pad, target_in)
-        return F.cross_entropy(logits.flatten(0, 1).float(), target_out.flatten(), ignore_index=PAD)
+    def loss(self, source, source_pad, target_in, target_out, visible=None) -> torch.Tensor:
+        """Mean token cross-entropy under teacher forcing (target_in = [BOS, t0, t1, t2]); PAD
+        targets (empty slots of an all-positions window) are left out."""
+        logits = self.forward(source, source_pad, target_in, visible)
+        return F.cross_entropy(logits.flatten(0, -2).float(), target_out.flatten(), ignore_index=PAD)
 
 
 # ---- checkpoints: model.pt (state dict) + config.json + the Semantic-ID table it was trained on --

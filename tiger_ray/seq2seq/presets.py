@@ -35,8 +35,14 @@ class Seq2SeqTrainConfig:
                 "(docs/RESULTS.md#dropout-masks); bernoulli: PyTorch's F.dropout and SDPA "
                 "attention dropout (fused kernels on GPUs); "
                 "auto: random_bits on CPU, bernoulli elsewhere"})
+    training_mode: Literal["per_example", "all_positions"] = field(default="per_example", metadata={
+        "help": "per_example: every (history, target) example encoded on its own by a "
+                "bidirectional encoder (the paper); all_positions: an item-causal encoder reads a "
+                "user's history once and trains all its targets, each decoder reading only its "
+                "own history (the same examples, fewer encoder passes)"})
     # ---- optimisation
-    batch_size: int = field(default=256, metadata={"help": "global batch (split across workers)"})
+    batch_size: int = field(default=256, metadata={
+        "help": "global batch in (history, target) examples (split across workers)"})
     optimizer: Literal["adamw", "adafactor"] = field(default="adamw", metadata={
         "help": "adamw, or adafactor (the paper's, whose lr is relative to each parameter's scale)"})
     lr: float = field(default=0.01, metadata={"help": "peak learning rate"})

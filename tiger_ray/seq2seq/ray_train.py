@@ -2,8 +2,9 @@
 
 The driver decides what is small (tokenizer settings, cold-start items, a sample of validation
 users) and never holds the training examples: they are a Ray Dataset (``training_dataset``:
-sequences.parquet -> ``ExampleBuilder`` actors -> fixed-width example rows), streamed anew every
-epoch and split across the workers by Ray Train (equal shards). The run directory must be
+sequences.parquet -> ``ExampleBuilder`` actors -> fixed-width example rows, or all-positions
+windows with ``--training-mode all_positions``), streamed anew every epoch and split across the
+workers by Ray Train (equal shards). The run directory must be
 readable where Ray runs (Ray Data reads sequences.parquet, workers open the Semantic IDs). Each
 worker builds the same model (DDP broadcasts rank 0's weights), wraps it with
 ``ray.train.torch.prepare_model`` and runs ``Seq2SeqTrainer.fit`` on length-bucketed batches of
@@ -106,24 +107,29 @@ def driver_payload(run: RunDir, config: Seq2SeqTrainConfig) -> dict:
 
 def prepare_payload(run: RunDir, config: Seq2SeqTrainConfig) -> dict:
     """``driver_payload`` plus every training example in memory (``payload["train"]``, the
-    arrays of ``TokenizedExamples``) and the Semantic IDs: one-process training of small runs
-    (tests, notebooks). Ray Train streams the examples instead (``training_dataset``)."""
+    arrays of ``TokenizedExamples``, or of ``TrainingWindows`` in all_positions mode) and the
+    Semantic IDs: one-process training of small runs (tests, notebooks). Ray Train streams the
+    examples instead (``training_dataset``)."""
     from tiger_ray.data.schema import read_sequences
     from tiger_ray.semantic_ids.table import read_semantic_ids
-    from tiger_ray.seq2seq.data import examples_from_columns, training_examples
+    from tiger_ray.seq2seq.data import (examples_from_columns, examples_per_window,
+                                        training_examples, training_windows)
 
     payload = driver_payload(run, config)
     sids = read_semantic_ids(run)
     tokenizer = load_tokenizer(str(run.root), payload["tokenizer"])
     sequences = read_sequences(run.sequences)
-    columns = training_examples(sequences.user_ids, sequences.offsets, sequences.flat, tokenizer,
-                                payload["cold_items"])
+    windows = config.training_mode == "all_positions"
+    columns = (training_windows if windows else training_examples)(
+        sequences.user_ids, sequences.offsets, sequences.flat, tokenizer, payload["cold_items"])
     if config.cold_start_fraction > 0:
+        kept = (int(examples_per_window(columns["visible"]).sum()) if windows
+                else len(columns["targets"]))
         log.info("train-seq2seq: %d cold-start items held out of training (%d of %d examples "
-                 "dropped)", len(payload["cold_items"]),
-                 payload["train_examples"] - len(columns["targets"]), payload["train_examples"])
+                 "dropped)", len(payload["cold_items"]), payload["train_examples"] - kept,
+                 payload["train_examples"])
     return {**payload, "semantic_ids": _sids_dict(sids),
-            "train": examples_from_columns(columns).to_arrays()}
+            "train": columns if windows else examples_from_columns(columns).to_arrays()}
 
 
 def _sids_dict(sids) -> dict:
@@ -134,7 +140,8 @@ def _sids_dict(sids) -> dict:
 def training_dataset(run: RunDir, config: Seq2SeqTrainConfig, tokenizer_state: dict,
                      cold_items: np.ndarray):
     """The training examples as a streaming Ray Dataset: the row groups of sequences.parquet (a
-    file or parts) read and expanded into fixed-width example rows by ``ExampleBuilder`` actors.
+    file or parts) read and expanded into fixed-width example rows (all-positions windows in that
+    mode) by ``ExampleBuilder`` actors.
     It is re-executed every epoch and never gathered: Ray Train hands each worker its shard."""
     import functools
 
@@ -151,7 +158,8 @@ def training_dataset(run: RunDir, config: Seq2SeqTrainConfig, tokenizer_state: d
         fn_constructor_kwargs={"make_tokenizer": functools.partial(load_tokenizer, str(run.root),
                                                                    tokenizer_state),
                                "cold_items": cold_items,
-                               "users_per_batch": config.data_users_per_batch},
+                               "users_per_batch": config.data_users_per_batch,
+                               "windows": config.training_mode == "all_positions"},
         compute=ray.data.ActorPoolStrategy(size=config.data_workers), num_cpus=DATA_CPUS)
 
 
@@ -314,6 +322,7 @@ def check_resumable(storage_dir: Path, config: Seq2SeqTrainConfig, tokenizer) ->
     import torch
 
     from tiger_ray.distributed import STATE_FILE, latest_checkpoint_dir
+    from tiger_ray.seq2seq.model import Seq2SeqConfig
     from tiger_ray.seq2seq.train import model_config
 
     latest = None if config.fresh else latest_checkpoint_dir(storage_dir, TRIAL_NAME)
@@ -321,8 +330,11 @@ def check_resumable(storage_dir: Path, config: Seq2SeqTrainConfig, tokenizer) ->
         return None
     state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=True)
     wanted = dataclasses.asdict(model_config(config, tokenizer))
-    if state.get("model_config") != wanted:
-        changed = sorted(k for k in wanted if (state.get("model_config") or {}).get(k) != wanted[k])
+    # A checkpoint written before a field existed has that field's default.
+    saved = state.get("model_config")
+    saved = dataclasses.asdict(from_dict(Seq2SeqConfig, saved)) if saved else {}
+    if saved != wanted:
+        changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
         raise ValueError(f"{latest}: the run to resume has a different model ({', '.join(changed)}); "
                          f"pass --fresh to start over")
     saved = (state.get("tokenizer") or {}).get("fingerprint")
@@ -340,8 +352,9 @@ def run_train_seq2seq(run: RunDir, config: Seq2SeqTrainConfig) -> dict:
     start = time.perf_counter()
     payload = driver_payload(run, config)
     tokenizer = load_tokenizer(str(run.root), payload["tokenizer"])
-    log.info("train-seq2seq: about %d training examples (streamed by Ray Data), %d validation "
-             "users, vocabulary %d, %d workers%s", payload["train_examples"],
+    log.info("train-seq2seq: about %d training examples (streamed by Ray Data, %s), %d "
+             "validation users, vocabulary %d, %d workers%s", payload["train_examples"],
+             config.training_mode.replace("_", " "),
              len(payload["valid"]["targets"]), tokenizer.vocab_size, config.workers,
              " (GPU)" if config.use_gpu else "")
     if len(payload["cold_items"]):

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from tiger_ray.data.schema import Sequences
 from tiger_ray.data.split import build_examples
 from tiger_ray.evaluation.metrics import CatalogCoverage, MetricCollection
-from tiger_ray.seq2seq.data import InMemoryBatches, StreamedBatches, TokenizedExamples
+from tiger_ray.seq2seq.data import (InMemoryBatches, StreamedBatches, TokenizedExamples,
+                                    TrainingWindows)
 from tiger_ray.seq2seq.model import Seq2SeqConfig, TigerSeq2Seq, unwrap
 from tiger_ray.seq2seq.presets import Seq2SeqTrainConfig
 from tiger_ray.seq2seq.schedule import cooldown_steps_within_budget, inverse_sqrt_schedule, lr_factor
@@ -51,6 +52,8 @@ def model_config(config: Seq2SeqTrainConfig, tokenizer: SemanticIdTokenizer) -> 
         head_dim=config.head_dim, encoder_layers=config.encoder_layers,
         decoder_layers=config.decoder_layers, mlp_dim=config.mlp_dim, dropout=config.dropout,
         dropout_masks=config.dropout_masks,
+        encoder_attention=("item_causal" if config.training_mode == "all_positions"
+                           else "bidirectional"),
         max_source_len=tokenizer.max_source_len, max_target_len=tokenizer.tokens_per_item + 1)
 
 
@@ -93,13 +96,14 @@ def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
     """Forward (teacher forcing), token cross-entropy, backward, clip, AdamW step, LR step.
 
     ``model`` is whatever is trained (the DDP wrapper under Ray), called as
-    ``model(source, source_pad, target_in) -> logits [B, T, V]``; the loss is computed here, not
-    by the model, so DDP sees a plain forward call. Returns the loss as a float.
+    ``model(*batch.inputs()) -> logits [B, T, V]`` ([B, K, T, V] for all-positions windows); the
+    loss is computed here, not by the model, so DDP sees a plain forward call. Returns the loss
+    as a float.
     """
     model.train()
     with torch.autocast(batch.source.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        logits = model(batch.source, batch.source_pad, batch.target_in)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.target_out.flatten(), ignore_index=PAD)
+        logits = model(*batch.inputs())
+    loss = F.cross_entropy(logits.flatten(0, -2).float(), batch.target_out.flatten(), ignore_index=PAD)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:
@@ -218,11 +222,11 @@ class _Window:
 class Seq2SeqTrainer:
     def __init__(self, config: Seq2SeqTrainConfig, model: TigerSeq2Seq,
                  tokenizer: SemanticIdTokenizer,
-                 train_data: TokenizedExamples | InMemoryBatches | StreamedBatches,
+                 train_data: TokenizedExamples | TrainingWindows | InMemoryBatches | StreamedBatches,
                  valid: ValidationSet, *, device: torch.device | None = None, rank: int = 0,
                  world_size: int = 1, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
                  report: ReportFn | None = None, progress_bar: Callable | None = None):
-        if isinstance(train_data, TokenizedExamples):
+        if isinstance(train_data, (TokenizedExamples, TrainingWindows)):
             train_data = InMemoryBatches(train_data, config.batch_size, seed=config.seed,
                                          chunk_batches=config.bucket_chunk_batches, rank=rank,
                                          world_size=world_size, pad_id=tokenizer.pad_id,
@@ -511,7 +515,7 @@ class Seq2SeqTrainer:
                 for w in (window, epoch_window):
                     w.loss_sum += loss
                     w.steps += 1
-                    w.examples += len(batch)
+                    w.examples += batch.examples
                     w.seconds += dt
                 if self.bar is not None:
                     self.bar.update(1)
@@ -585,7 +589,7 @@ class Seq2SeqTrainer:
 
 
 def train_local(config: Seq2SeqTrainConfig, tokenizer: SemanticIdTokenizer,
-                train_data: TokenizedExamples, valid: ValidationSet,
+                train_data: TokenizedExamples | TrainingWindows, valid: ValidationSet,
                 state: dict | None = None, report: ReportFn | None = None,
                 ) -> tuple[Seq2SeqTrainer, dict]:
     """One-process training without Ray (tests, notebooks): returns (trainer, summary)."""
