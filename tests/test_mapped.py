@@ -39,3 +39,23 @@ def test_scan_releases_the_pages_it_read_and_returns_every_row(tmp_path):
     assert first_rows == list(range(0, rows - 1, 4096))
     assert seen == total - float(np.arange(dim).sum())  # every row but the one sliced off
     assert grown_plain > 48 * 2**20 and rss_file_bytes() - before < 16 * 2**20
+
+
+def test_dual_encoder_reads_text_rows_without_keeping_the_table_resident(tmp_path):
+    import torch
+
+    from tiger_ray.baseline.dual_encoder import DualEncoder, DualEncoderConfig
+
+    items, text_dim = 131_072, 128  # 64 MiB of text vectors, row = item id
+    path = tmp_path / "vectors.npy"
+    table = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(items + 1, text_dim))
+    table[:] = np.arange(items + 1, dtype=np.float32)[:, None]
+    table.flush()
+    del table
+    text = np.load(path, mmap_mode="r")
+    model = DualEncoder(DualEncoderConfig(num_items=items, text_dim=text_dim, dim=8), text)
+    before = rss_file_bytes()
+    for lo in range(1, items + 1, 8192):  # every row once, as an epoch of training windows does
+        ids = torch.arange(lo, min(lo + 8192, items + 1))
+        assert torch.equal(model.text_vectors(ids)[:, 0], ids.float())
+    assert rss_file_bytes() - before < 16 * 2**20

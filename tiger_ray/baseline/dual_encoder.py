@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tiger_ray.baseline import losses
+from tiger_ray.mapped import release
 
 
 @dataclass
@@ -123,7 +124,10 @@ class DualEncoder(nn.Module):
     def text_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         if self.text is not None:
             return self.text[ids]
-        rows = np.asarray(self.text_store[ids.cpu().numpy()], dtype=np.float32)
+        rows = np.array(self.text_store[ids.cpu().numpy()], dtype=np.float32)
+        # The rows are copied; the mapped pages read need not stay resident (over an epoch they
+        # would make the whole 10M-item table part of this process's RSS).
+        release(self.text_store)
         return torch.from_numpy(rows).to(ids.device)
 
     def item_repr(self, ids: torch.Tensor) -> torch.Tensor:
